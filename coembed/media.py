@@ -1,0 +1,317 @@
+"""Decoding raw media into arrays: audio of any rate/channels, images of any mode.
+
+Everything that reads an image or a sound goes through here, so adapters and
+data sources agree on what a bad item is. Failures raise
+:class:`~coembed.registry.BadItem` with a short reason.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coembed.registry import BadItem
+
+#: Images above this many pixels are refused (decompression bombs); recipes can change it.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold
+
+
+@dataclass(frozen=True)
+class AudioSegment:
+    """A span of audio inside a media file: ``start`` and ``duration`` in seconds."""
+
+    path: str
+    start: float
+    duration: float
+
+
+@dataclass(frozen=True)
+class VideoFrame:
+    """One frame of a video file, at ``time`` seconds."""
+
+    path: str
+    time: float
+
+
+@dataclass
+class Waveform:
+    """Mono float32 samples in [-1, 1] and their sample rate."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / float(self.sample_rate)
+
+
+def _check_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise BadItem(f"missing file: {os.fsdecode(p)!r}")
+    if not p.is_file():
+        raise BadItem(f"not a file: {os.fsdecode(p)!r}")
+    if p.stat().st_size == 0:
+        raise BadItem("zero-byte file")
+    return p
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """``[n]`` or ``[n, channels]`` -> ``[n]`` float32 (mean over channels)."""
+    samples = np.asarray(samples)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1)
+    elif samples.ndim != 1:
+        raise BadItem(f"audio array must be 1-D or [samples, channels], got shape {samples.shape}")
+    if np.issubdtype(samples.dtype, np.integer):
+        info = np.iinfo(samples.dtype)
+        samples = samples.astype(np.float32) / float(max(abs(info.min), info.max))
+    return samples.astype(np.float32, copy=False)
+
+
+def resample(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """Polyphase resampling (scipy) from ``orig_rate`` to ``target_rate``."""
+    if orig_rate == target_rate:
+        return samples
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(target_rate, orig_rate).limit_denominator(10_000)
+    return resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
+
+
+def _decode_audio_av(source: Any, start: float = 0.0, duration: float | None = None) -> Waveform:
+    import av
+
+    try:
+        container = av.open(source)
+    except Exception as exc:  # av raises many error types for non-media input
+        raise BadItem(f"not a readable media file ({type(exc).__name__})") from exc
+    with container:
+        if not container.streams.audio:
+            raise BadItem("no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.rate or stream.codec_context.sample_rate
+        if start > 0:
+            container.seek(int(start / stream.time_base), stream=stream, any_frame=False, backward=True)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        chunks: list[np.ndarray] = []
+        first_time: float | None = None
+        try:
+            for frame in container.decode(stream):
+                if first_time is None:
+                    first_time = float(frame.time) if frame.time is not None else 0.0
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                if duration is not None and frame.time is not None and frame.time > start + duration:
+                    break
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as exc:
+            if not chunks:
+                raise BadItem(f"audio could not be decoded ({type(exc).__name__})") from exc
+            # truncated at the end: keep what decoded
+    if not chunks:
+        raise BadItem("audio stream holds no samples")
+    samples = np.concatenate(chunks).astype(np.float32)
+    offset = max(0.0, start - (first_time or 0.0))
+    begin = int(round(offset * rate))
+    end = None if duration is None else begin + int(round(duration * rate))
+    return Waveform(samples[begin:end], int(rate))
+
+
+def load_audio(
+    item: Any,
+    sample_rate: int,
+    *,
+    item_sample_rate: int | None = None,
+) -> Waveform:
+    """Decode ``item`` to mono float32 at ``sample_rate``.
+
+    ``item`` may be a path (any format soundfile or FFmpeg reads, video files
+    included), bytes, an :class:`AudioSegment`, a :class:`Waveform`, a dict
+    ``{"array": ..., "sampling_rate": ...}`` (the ``datasets`` Audio feature),
+    or a numpy/torch array with ``item_sample_rate``.
+    """
+    wave: Waveform
+    if isinstance(item, Waveform):
+        wave = Waveform(to_mono(item.samples), item.sample_rate)
+    elif isinstance(item, dict) and "array" in item:
+        wave = Waveform(to_mono(np.asarray(item["array"])), int(item["sampling_rate"]))
+    elif isinstance(item, AudioSegment):
+        _check_file(item.path)
+        wave = _decode_audio_av(item.path, item.start, item.duration)
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        if len(item) == 0:
+            raise BadItem("empty audio bytes")
+        wave = _decode_audio_bytes(bytes(item))
+    elif isinstance(item, (str, os.PathLike)):
+        path = _check_file(item)
+        wave = _decode_audio_path(path)
+    else:
+        array = _as_numpy(item)
+        if array is None:
+            raise BadItem(f"unsupported audio input of type {type(item).__name__}")
+        if item_sample_rate is None:
+            raise BadItem("an audio array needs its sample rate")
+        wave = Waveform(to_mono(array), int(item_sample_rate))
+    if wave.samples.size == 0:
+        raise BadItem("audio holds no samples")
+    if not np.all(np.isfinite(wave.samples)):
+        raise BadItem("audio holds NaN or infinite samples")
+    return Waveform(resample(wave.samples, wave.sample_rate, sample_rate), sample_rate)
+
+
+def _as_numpy(item: Any) -> np.ndarray | None:
+    if isinstance(item, np.ndarray):
+        return item
+    try:
+        import torch
+
+        if isinstance(item, torch.Tensor):
+            return item.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return None
+
+
+def _decode_audio_path(path: Path) -> Waveform:
+    import soundfile as sf
+
+    try:
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        return Waveform(to_mono(samples), int(rate))
+    except Exception:
+        return _decode_audio_av(str(path))
+
+
+def _decode_audio_bytes(data: bytes) -> Waveform:
+    import soundfile as sf
+
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return Waveform(to_mono(samples), int(rate))
+    except Exception:
+        return _decode_audio_av(io.BytesIO(data))
+
+
+def is_silent(samples: np.ndarray, threshold_db: float = -60.0) -> bool:
+    """True when the RMS level of ``samples`` is below ``threshold_db`` dBFS."""
+    if samples.size == 0:
+        return True
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
+    return rms <= 0.0 or 20.0 * math.log10(rms) < threshold_db
+
+
+def load_image(item: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    """Decode ``item`` to an RGB :class:`PIL.Image.Image`.
+
+    ``item`` may be a path, bytes, a :class:`VideoFrame`, a PIL image, a numpy
+    ``[H, W]``/``[H, W, C]`` uint8 array, or a dict ``{"bytes": ..., "path": ...}``
+    (the ``datasets`` Image feature undecoded). Any mode (grayscale, RGBA, CMYK,
+    palette, 16-bit) is converted to RGB.
+    """
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        image = item
+    elif isinstance(item, VideoFrame):
+        image = read_video_frame(item)
+    elif isinstance(item, dict) and ("bytes" in item or "path" in item):
+        data = item.get("bytes")
+        return load_image(data if data else item["path"], max_pixels)
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        if len(item) == 0:
+            raise BadItem("empty image bytes")
+        image = _open_image(io.BytesIO(bytes(item)), max_pixels)
+    elif isinstance(item, (str, os.PathLike)):
+        image = _open_image(_check_file(item), max_pixels)
+    else:
+        array = _as_numpy(item)
+        if array is None:
+            raise BadItem(f"unsupported image input of type {type(item).__name__}")
+        if array.dtype != np.uint8:
+            array = np.clip(array, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise BadItem(f"image has {image.width * image.height} pixels, above the limit of {max_pixels}")
+    return to_rgb(image)
+
+
+def _open_image(source: Any, max_pixels: int | None):
+    from PIL import Image
+
+    try:
+        image = Image.open(source)
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise BadItem(f"image has {image.width * image.height} pixels, above the limit of {max_pixels}")
+        image.load()
+    except BadItem:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadItem("image exceeds the decompression-bomb pixel limit") from exc
+    except Exception as exc:
+        raise BadItem(f"not a readable image ({type(exc).__name__})") from exc
+    return image
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB. 16-bit greyscale is scaled, alpha is composited on white."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 0 else 1.0
+        scale = 65535.0 if peak > 255 else 255.0
+        array = np.clip(array / scale * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+        array = (array - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+        return Image.fromarray(array.astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in {"RGBA", "LA", "PA"}:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_video_frame(frame: VideoFrame):
+    """Decode the frame of ``frame.path`` nearest to ``frame.time`` as a PIL image."""
+    import av
+
+    _check_file(frame.path)
+    try:
+        container = av.open(frame.path)
+    except Exception as exc:
+        raise BadItem(f"not a readable media file ({type(exc).__name__})") from exc
+    with container:
+        if not container.streams.video:
+            raise BadItem("no video stream")
+        stream = container.streams.video[0]
+        target = frame.time
+        try:
+            if target > 0:
+                container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
+            best = None
+            for decoded in container.decode(stream):
+                best = decoded
+                if decoded.time is not None and decoded.time >= target:
+                    break
+        except av.error.FFmpegError as exc:
+            if best is None:
+                raise BadItem(f"video could not be decoded ({type(exc).__name__})") from exc
+        if best is None:
+            raise BadItem("video stream holds no frames")
+        return best.to_image()

@@ -1,0 +1,240 @@
+"""Recipes: the YAML file that says what to train, validated before any work.
+
+A recipe names a data source, one adapter (frozen encoder) and one head per
+modality, the anchor modality whose space everything is projected into, the
+pair types to train on, and the extraction, training and evaluation settings.
+Every key is checked: an unknown key or a bad value fails with a message naming
+the key and what is allowed. ``--set a.b.c=value`` overrides any value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message names the key and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HeadConfig(_Strict):
+    """A projection head into the anchor space."""
+
+    type: Literal["identity", "linear", "mlp"] = "linear"
+    hidden_dim: int | None = Field(default=None, gt=0, description="MLP hidden width (default: 2x output)")
+    num_layers: int = Field(default=2, ge=2, description="MLP linear layers")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+    identity_init: bool = Field(
+        default=False, description="linear head starts as the identity (needs equal in/out dims)")
+
+
+class ModalityConfig(BaseModel):
+    """One modality: its adapter, the adapter's own options, and its head.
+
+    Keys other than ``adapter``, ``head`` and ``column`` are the adapter's
+    options and are validated against the adapter's declared options.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    adapter: str
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    column: str | None = Field(default=None, description="data column holding this modality (default: its name)")
+
+    @property
+    def adapter_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SplitConfig(_Strict):
+    validation: float = Field(default=0.33, ge=0.0, lt=1.0, description="share of groups held out")
+
+
+class DataConfig(BaseModel):
+    """The data source. ``source`` picks the reader; the rest are its options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    source: str = "manifest"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    max_bad_fraction: float = Field(default=0.5, ge=0.0, le=1.0,
+                                    description="fail the run when more than this share of items is bad")
+
+    @property
+    def source_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ExtractionConfig(_Strict):
+    batch_size: int = Field(default=32, gt=0)
+    num_workers: int = Field(default=2, ge=0)
+    shard_size: int = Field(default=1024, gt=0, description="items per store shard (resume granularity)")
+    cache_dir: str | None = Field(default=None, description="embedding store root (default: ~/.cache/coembed/embeddings)")
+
+
+class TemperatureConfig(_Strict):
+    init: float = Field(default=0.07, gt=0.0)
+    learnable: bool = True
+    min: float = Field(default=0.01, gt=0.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(default=300, gt=0)
+    batch_size: int = Field(default=4096, gt=1)
+    lr: float = Field(default=1e-4, gt=0.0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    temperature: TemperatureConfig = Field(default_factory=TemperatureConfig)
+    device: str = "auto"
+    select_metric: str = Field(default="mean_r1", description="validation metric that picks the best checkpoint")
+    patience: int | None = Field(default=None, gt=0, description="stop after this many epochs without improvement")
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    plots: bool = True
+
+
+class Recipe(_Strict):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    anchor: str
+    modalities: dict[str, ModalityConfig]
+    pairs: list[tuple[str, str]]
+    data: DataConfig = Field(default_factory=DataConfig)
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    #: folder of the recipe file; relative paths in the recipe resolve against it
+    base_dir: str = Field(default=".", exclude=True)
+
+    @field_validator("modalities")
+    @classmethod
+    def _some_modalities(cls, v: dict[str, ModalityConfig]) -> dict[str, ModalityConfig]:
+        if not v:
+            raise ValueError("at least one modality is needed")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        names = set(self.modalities)
+        if self.anchor not in names:
+            raise ValueError(f"anchor {self.anchor!r} is not one of the modalities {sorted(names)}")
+        if not self.pairs:
+            raise ValueError("pairs: at least one pair type is needed, e.g. [[image, audio]]")
+        for a, b in self.pairs:
+            for m in (a, b):
+                if m not in names:
+                    raise ValueError(f"pairs: {m!r} is not one of the modalities {sorted(names)}")
+            if a == b:
+                raise ValueError(f"pairs: a pair type needs two different modalities, got [{a}, {b}]")
+        return self
+
+    def resolve_path(self, value: str | Path) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _format_errors(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in {"function-after[_consistent(), Recipe]"})
+        key = ".".join(x for x in (prefix, loc) if x) or "(recipe)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.subkey=value")
+        key, _, raw = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise RecipeError(f"override {item!r} names no key")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def validate_adapters(recipe: Recipe) -> None:
+    """Check each modality's adapter exists and accepts its options."""
+    from coembed.registry import AdapterError, get_adapter_class, resolve_key
+
+    problems = []
+    for modality, cfg in recipe.modalities.items():
+        key = resolve_key(modality, cfg.adapter)
+        try:
+            cls = get_adapter_class(key)
+        except AdapterError as exc:
+            problems.append(f"  modalities.{modality}.adapter: {exc}")
+            continue
+        try:
+            cls.Options(**cfg.adapter_options)
+        except ValidationError as exc:
+            allowed = ", ".join(sorted(cls.Options.model_fields))
+            problems.append(_format_errors(exc, f"modalities.{modality}") + f"\n    ({key} accepts: {allowed})")
+    if problems:
+        raise RecipeError("invalid recipe:\n" + "\n".join(problems))
+
+
+def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".", check_adapters: bool = True) -> Recipe:
+    try:
+        recipe = Recipe.model_validate({**data, "base_dir": str(base_dir)})
+    except ValidationError as exc:
+        raise RecipeError("invalid recipe:\n" + _format_errors(exc)) from None
+    if check_adapters:
+        validate_adapters(recipe)
+    from coembed.data import validate_source_options
+
+    validate_source_options(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_adapters: bool = True) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    apply_overrides(data, list(overrides or []))
+    return recipe_from_dict(data, base_dir=path.parent.resolve(), check_adapters=check_adapters)

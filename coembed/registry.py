@@ -1,0 +1,273 @@
+"""Modality adapters and the registry that finds them.
+
+An adapter turns raw input of one modality (a path, bytes, an array, a string)
+into a fixed-size vector with a frozen pretrained encoder. Adapters are found
+through the entry-point group ``coembed.modalities``; the built-in ones in
+``coembed_modalities`` register through that same group, so a third-party
+package adds a modality exactly the way coembed adds its own::
+
+    [project.entry-points."coembed.modalities"]
+    "audio/my-encoder" = "my_package.adapter:MyAudioAdapter"
+
+The entry-point name is ``"<modality>/<name>"`` and must match the class's
+``modality`` and ``name`` attributes. Entry points load lazily, by name; a
+plugin that fails to import is reported by its name without breaking the
+others. ``COEMBED_DISABLE_PLUGINS=1`` ignores every adapter that does not ship
+with coembed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, ClassVar, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+ENTRY_POINT_GROUP = "coembed.modalities"
+BUILTIN_DISTRIBUTION = "coembed"
+
+
+class BadItem(Exception):
+    """Raised by :meth:`Adapter.load` for an input that cannot be used.
+
+    The message is the reason written to ``bad_items.jsonl``; the item is
+    skipped and the run goes on.
+    """
+
+
+class AdapterError(Exception):
+    """An adapter cannot be found, configured or loaded."""
+
+
+class WeightsUnavailable(AdapterError):
+    """Pretrained weights cannot be loaded (no network, missing file, ...)."""
+
+
+class AdapterOptions(BaseModel):
+    """Options of an adapter; each adapter subclasses this with its own keys.
+
+    Unknown keys are an error, so a typo in a recipe fails before any work.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Adapter(ABC):
+    """A frozen encoder for one modality.
+
+    Subclasses set ``modality``, ``name`` and ``Options`` and implement
+    :meth:`_load_model`, :meth:`load`, :meth:`encode` and :attr:`dim`.
+
+    The model is loaded lazily, once, on first use of :attr:`model`. ``load``
+    runs in DataLoader worker processes and must not need the model; ``encode``
+    runs in the main process in eval mode with gradients off.
+    """
+
+    modality: ClassVar[str]
+    name: ClassVar[str]
+    Options: ClassVar[type[AdapterOptions]] = AdapterOptions
+
+    #: How raw items arrive: ``"file"`` (paths, bytes, arrays; manifest paths are
+    #: resolved against the manifest's folder) or ``"text"`` (strings, used as is).
+    raw_input: ClassVar[str] = "file"
+
+    #: Options that do not change the vectors and so stay out of the fingerprint.
+    runtime_options: ClassVar[frozenset[str]] = frozenset({"device"})
+
+    def __init__(self, options: AdapterOptions | None = None, **kwargs: Any) -> None:
+        if options is None:
+            options = self.Options(**kwargs)
+        elif kwargs:
+            options = options.model_copy(update=kwargs)
+        self.options = options
+
+    # -- identity -------------------------------------------------------------------
+    @classmethod
+    def key(cls) -> str:
+        return f"{cls.modality}/{cls.name}"
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable options that recreate this adapter (runtime ones excluded)."""
+        data = self.options.model_dump(mode="json")
+        return {k: v for k, v in data.items() if k not in self.runtime_options}
+
+    @property
+    def fingerprint(self) -> str:
+        """Cache key: adapter, model, weights and every output-changing option."""
+        payload = json.dumps(
+            {"adapter": self.key(), "config": self.config(), "weights": self.weights_identity()},
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return f"{self.modality}-{self.name}-{digest}"
+
+    def weights_identity(self) -> str:
+        """A string naming the weights (tag, file path + size, ...). Override if needed."""
+        return ""
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """Output dimension and weights with default options, without loading the model."""
+        adapter = cls()
+        return {"dim": adapter.dim, "weights": adapter.weights_identity() or "none"}
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.options.device)
+
+    # -- model ----------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get the adapter without its loaded model: ``load`` never needs it.
+        state = self.__dict__.copy()
+        state.pop("model", None)
+        return state
+
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        model = self._load_model()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.to(self.device)
+
+    @abstractmethod
+    def _load_model(self) -> torch.nn.Module:
+        """Build the encoder with its weights. Raise :class:`WeightsUnavailable` if they cannot load."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Output dimension of :meth:`encode`."""
+
+    # -- data -----------------------------------------------------------------------
+    @abstractmethod
+    def load(self, item: Any) -> Any:
+        """Turn one raw item into the encoder's input for that item (CPU; no model).
+
+        Raise :class:`BadItem` with a reason for an unusable item.
+        """
+
+    def collate(self, items: Sequence[Any]) -> Any:
+        """Batch loaded items. Default: stack tensors."""
+        return torch.stack([torch.as_tensor(x) for x in items])
+
+    @abstractmethod
+    def _encode(self, batch: Any) -> torch.Tensor:
+        """Encode a collated batch into a ``[batch, dim]`` tensor (called under no_grad)."""
+
+    def encode(self, batch: Any) -> torch.Tensor:
+        """Encode a collated batch; float32 ``[batch, dim]`` on the CPU, not normalised."""
+        with torch.inference_mode():
+            out = self._encode(batch)
+        return out.detach().float().cpu()
+
+    def encode_items(self, items: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+        """Convenience: ``load`` + ``collate`` + ``encode`` over raw items, in batches."""
+        outs = []
+        for start in range(0, len(items), batch_size):
+            chunk = [self.load(x) for x in items[start : start + batch_size]]
+            outs.append(self.encode(self.collate(chunk)))
+        if not outs:
+            return torch.empty(0, self.dim)
+        return torch.cat(outs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config()})"
+
+
+# ---------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    key: str
+    modality: str
+    name: str
+    distribution: str
+    entry_point: EntryPoint
+
+
+def _plugins_disabled() -> bool:
+    return os.environ.get("COEMBED_DISABLE_PLUGINS", "").lower() in {"1", "true", "yes"}
+
+
+def available_adapters() -> dict[str, AdapterInfo]:
+    """Every adapter registered in the ``coembed.modalities`` group, by ``modality/name``."""
+    found: dict[str, AdapterInfo] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        if _plugins_disabled() and dist != BUILTIN_DISTRIBUTION:
+            continue
+        if "/" not in ep.name:
+            warnings.warn(f"coembed: ignoring adapter entry point {ep.name!r} from {dist}: "
+                          "its name must be '<modality>/<name>'", stacklevel=2)
+            continue
+        modality, name = ep.name.split("/", 1)
+        found[ep.name] = AdapterInfo(ep.name, modality, name, dist, ep)
+    return dict(sorted(found.items()))
+
+
+def resolve_key(modality: str, adapter: str) -> str:
+    """``("audio", "vggish")`` or ``("audio", "audio/vggish")`` -> ``"audio/vggish"``."""
+    return adapter if "/" in adapter else f"{modality}/{adapter}"
+
+
+def get_adapter_class(key: str) -> type[Adapter]:
+    """The adapter class registered as ``key`` (``"modality/name"``)."""
+    adapters = available_adapters()
+    if key not in adapters:
+        known = ", ".join(adapters) or "none"
+        raise AdapterError(f"unknown adapter {key!r}; registered adapters: {known}")
+    info = adapters[key]
+    try:
+        cls = info.entry_point.load()
+    except Exception as exc:  # a broken plugin is reported by name, never fatal for others
+        raise AdapterError(
+            f"adapter {key!r} from distribution {info.distribution!r} failed to import: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise AdapterError(f"adapter {key!r} ({info.entry_point.value}) is not a coembed Adapter subclass")
+    if cls.key() != key:
+        raise AdapterError(f"adapter entry point {key!r} points at a class that declares {cls.key()!r}")
+    return cls
+
+
+def create_adapter(key: str, **options: Any) -> Adapter:
+    """Instantiate the adapter ``key`` with validated options."""
+    cls = get_adapter_class(key)
+    return cls(cls.Options(**options))
+
+
+def describe_adapters() -> list[dict[str, Any]]:
+    """One row per registered adapter: key, modality, name, dim, weights, distribution or error."""
+    rows = []
+    for key, info in available_adapters().items():
+        row: dict[str, Any] = {"key": key, "modality": info.modality, "name": info.name,
+                               "distribution": info.distribution}
+        try:
+            cls = get_adapter_class(key)
+            row.update(cls.describe())
+        except AdapterError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    return rows
