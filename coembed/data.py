@@ -18,10 +18,12 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from coembed.media import safe_text
 
 if TYPE_CHECKING:
     from coembed.recipe import Recipe
@@ -59,6 +61,10 @@ class Source(ABC):
     def __init__(self, options: SourceOptions, recipe: "Recipe") -> None:
         self.options = options
         self.recipe = recipe
+        #: show progress bars for slow stages of reading (set by :func:`load_dataset`)
+        self.progress = False
+        #: what the source read, for the run summary (e.g. ``{"videos": 1200}``); filled while iterating
+        self.counts: dict[str, int] = {}
 
     @property
     def columns(self) -> dict[str, str]:
@@ -96,7 +102,7 @@ def _import_builtin_sources() -> None:
     """Sources that live in their own modules register on import."""
     import importlib
 
-    for module in ("coembed.video",):
+    for module in ("coembed.video", "coembed.hf_source", "coembed.esc50"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -105,7 +111,7 @@ def _import_builtin_sources() -> None:
 
 
 def validate_source_options(recipe: "Recipe") -> None:
-    from coembed.recipe import RecipeError, _format_errors
+    from coembed.recipe import DataConfig, RecipeError, _format_errors
 
     cls = _source_class(recipe.data.source)
     try:
@@ -113,7 +119,8 @@ def validate_source_options(recipe: "Recipe") -> None:
     except ValidationError as exc:
         allowed = ", ".join(sorted(cls.Options.model_fields))
         raise RecipeError("invalid recipe:\n" + _format_errors(exc, "data")
-                          + f"\n    (source {cls.name!r} accepts: {allowed}, split, max_bad_fraction)") from None
+                          + f"\n    (source {cls.name!r} accepts: {allowed}, "
+                          + ", ".join(DataConfig.COMMON_KEYS) + ")") from None
 
 
 def build_source(recipe: "Recipe") -> Source:
@@ -144,8 +151,11 @@ class ManifestOptions(SourceOptions):
 
 
 def read_manifest_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV or JSONL manifest. Bytes that are not UTF-8 (a file name in
+    another encoding) are kept as surrogate escapes, so the file they name is
+    still found (and reported as a bad path name) instead of failing the read."""
     if path.suffix.lower() in {".jsonl", ".ndjson"}:
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8", errors="surrogateescape") as fh:
             for lineno, line in enumerate(fh, 1):
                 line = line.strip()
                 if line:
@@ -157,7 +167,7 @@ def read_manifest_rows(path: Path) -> Iterator[dict[str, Any]]:
                     yield row if isinstance(row, dict) else {"__bad__": f"line {lineno}: not an object",
                                                              "__line__": lineno}
     else:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
             yield from csv.DictReader(fh)
 
 
@@ -199,7 +209,7 @@ def records_from_rows(rows: Iterable[dict[str, Any]], options: ManifestOptions, 
         if "__bad__" in row:
             yield BadRecord(f"row-{row['__line__']}", row["__bad__"])
             continue
-        rid = str(row.get(options.id_column) or "").strip()
+        rid = safe_text(str(row.get(options.id_column) or "").strip())
         if not rid:
             yield BadRecord(f"row-{index + 1}", f"no value in id column {options.id_column!r}")
             continue
@@ -207,7 +217,7 @@ def records_from_rows(rows: Iterable[dict[str, Any]], options: ManifestOptions, 
             yield BadRecord(rid, "duplicate id")
             continue
         seen.add(rid)
-        group = str(row.get(options.group_column) or "") if options.group_column else ""
+        group = safe_text(str(row.get(options.group_column) or "")) if options.group_column else ""
         label = row.get(options.label_column) if options.label_column else None
         items: dict[str, Any] = {}
         for modality, column in columns.items():
@@ -219,7 +229,7 @@ def records_from_rows(rows: Iterable[dict[str, Any]], options: ManifestOptions, 
                 value = str(p if p.is_absolute() else root / p)
             items[modality] = value
         yield Record(id=rid, group=group or rid, items=items,
-                     label=None if label in (None, "") else str(label))
+                     label=None if label in (None, "") else safe_text(str(label)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,21 +361,24 @@ class Dataset:
     train: list[Record]
     validation: list[Record]
     bad: list[BadRecord] = field(default_factory=list)
+    #: what the source read (``Source.counts``), for the run summary
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def records(self) -> list[Record]:
         return self.train + self.validation
 
 
-def load_dataset(recipe: "Recipe", progress: Callable[[Iterable], Iterable] | None = None) -> Dataset:
+def load_dataset(recipe: "Recipe", progress: bool = False) -> Dataset:
+    """Read the recipe's source (with progress bars for its slow stages) and split it by group."""
     source = build_source(recipe)
+    source.progress = progress
     records: list[Record] = []
     bad: list[BadRecord] = []
-    iterator: Iterable = source if progress is None else progress(source)
-    for rec in iterator:
+    for rec in source:
         (bad if isinstance(rec, BadRecord) else records).append(rec)
     train, val = split_by_group(records, recipe.data.split.validation, recipe.seed)
-    return Dataset(train, val, bad)
+    return Dataset(train, val, bad, {"records": len(records), "bad_records": len(bad), **source.counts})
 
 
 def reason_kind(reason: str) -> str:
@@ -377,9 +390,13 @@ def bad_fraction(n_bad: int, n_total: int) -> float:
     return n_bad / n_total if n_total else 0.0
 
 
+class TooManyBadItems(RuntimeError):
+    """The share of bad items passed ``data.max_bad_fraction``."""
+
+
 def check_bad_fraction(n_bad: int, n_total: int, limit: float) -> None:
     """Fail when the share of bad items passes ``limit`` (a recipe setting)."""
     frac = bad_fraction(n_bad, n_total)
     if n_total and frac > limit and not math.isclose(frac, limit):
-        raise RuntimeError(f"{n_bad} of {n_total} items are bad ({frac:.0%}), above the limit "
+        raise TooManyBadItems(f"{n_bad} of {n_total} items are bad ({frac:.0%}), above the limit "
                            f"data.max_bad_fraction={limit:g}; see bad_items.jsonl in the run folder")

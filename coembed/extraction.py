@@ -6,7 +6,14 @@ go to the store in shards of ``shard_size`` items; a re-run skips every item
 whose key is already stored, so a killed extraction resumes where its last
 finished shard ended and a second run over the same data calls no encoder.
 Items that cannot be loaded or encode to NaN/inf are stored with their reason
-and never retried until their content changes.
+and never retried until their content changes; items refused by a setting
+(:class:`~coembed.media.OverLimit`, e.g. the image pixel limit) are reported
+but not stored, so changing the setting takes effect on the next run.
+
+Each ``adapter.load`` runs inside :func:`coembed.media.decoding`: the recipe's
+pixel limit reaches :func:`~coembed.media.load_image`, and the level of every
+decoded sound is stored with its embedding, so silent audio is flagged (or
+dropped) by the threshold of the current run, without encoding anything again.
 """
 
 from __future__ import annotations
@@ -22,40 +29,67 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from coembed.data import reason_kind
+from coembed.media import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SILENCE_DB, SILENCE_FLOOR_DB, OverLimit, decoding,
+                           safe_text)
 from coembed.registry import Adapter, BadItem
 from coembed.store import EmbeddingStore, Lookup, item_key
 
 log = logging.getLogger(__name__)
 
+#: The reason kind of a silent audio item (see :func:`coembed.data.reason_kind`).
+SILENT_AUDIO = "silent audio"
+
+
+@dataclass(frozen=True)
+class ItemChecks:
+    """Settings that judge items as they are decoded (and, for silence, after)."""
+
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    silence_db: float = DEFAULT_SILENCE_DB
+    drop_silent: bool = False
+
+
+#: One loaded item: index, loaded value (None when bad), reason, measurements, whether to store the reason.
+_Row = tuple[int, Any, str | None, dict[str, float], bool]
+
 
 class _LoadItems(TorchDataset):
     """Runs ``adapter.load`` in a worker; a failure becomes a reason, never an exception."""
 
-    def __init__(self, adapter: Adapter, items: Sequence[Any]) -> None:
+    def __init__(self, adapter: Adapter, items: Sequence[Any], max_image_pixels: int | None) -> None:
         self.adapter = adapter
         self.items = items
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
+    def load(self, index: int) -> tuple[Any, dict[str, float]]:
+        """``adapter.load`` of one item and the measurements taken while decoding it."""
+        with decoding(self.max_image_pixels) as notes:
+            return self.adapter.load(self.items[index]), notes
+
+    def __getitem__(self, index: int) -> _Row:
         try:
-            return index, self.adapter.load(self.items[index]), None
+            value, notes = self.load(index)
+            return index, value, None, notes, True
+        except OverLimit as exc:
+            return index, None, safe_text(str(exc)), {}, False
         except BadItem as exc:
-            return index, None, str(exc)
+            return index, None, safe_text(str(exc)), {}, True
         except Exception as exc:  # an unexpected decoder error is still one bad item
-            return index, None, f"{type(exc).__name__}: {exc}"
+            return index, None, safe_text(f"{type(exc).__name__}: {exc}"), {}, True
 
 
 class _Collate:
     def __init__(self, adapter: Adapter) -> None:
         self.adapter = adapter
 
-    def __call__(self, rows: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
-        good = [(i, x) for i, x, err in rows if err is None]
-        bad = [(i, err) for i, _, err in rows if err is not None]
-        batch = self.adapter.collate([x for _, x in good]) if good else None
-        return [i for i, _ in good], batch, bad
+    def __call__(self, rows: list[_Row]) -> tuple[list[int], Any, list[dict[str, float]], list[tuple[int, str, bool]]]:
+        good = [(i, x, notes) for i, x, err, notes, _ in rows if err is None]
+        bad = [(i, err, store) for i, _, err, _, store in rows if err is not None]
+        batch = self.adapter.collate([x for _, x, _ in good]) if good else None
+        return [i for i, _, _ in good], batch, [notes for _, _, notes in good], bad
 
 
 @dataclass
@@ -66,8 +100,10 @@ class ExtractionStats:
     cached: int = 0
     encoded: int = 0
     bad: int = 0
+    flagged: int = 0
     seconds: float = 0.0
     bad_reasons: dict[str, int] = field(default_factory=dict)
+    flagged_reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def items_per_second(self) -> float:
@@ -84,12 +120,15 @@ def extract(
     num_workers: int = 0,
     shard_size: int = 1024,
     progress: bool = True,
+    checks: ItemChecks | None = None,
 ) -> tuple[Lookup, ExtractionStats]:
     """Encode ``items`` (raw inputs of ``adapter.modality``, one per id) into the store.
 
     Returns the embeddings of all items, in order (cached and new alike), and
-    statistics of the work done.
+    statistics of the work done. ``checks`` sets the pixel limit and what
+    happens to silent audio (flagged in ``Lookup.flags``, or made an error).
     """
+    checks = checks or ItemChecks()
     from tqdm.auto import tqdm
 
     store = EmbeddingStore(store_root, adapter.fingerprint, adapter.dim,
@@ -100,9 +139,10 @@ def extract(
     todo = [n for n, k in enumerate(keys) if k not in done]
     stats = ExtractionStats(adapter.modality, adapter.fingerprint, items=len(keys), cached=len(keys) - len(todo))
     start = time.perf_counter()
+    refused: dict[int, str] = {}  # item index -> reason not stored (a setting refused the item)
     if todo:
         loader = DataLoader(
-            _LoadItems(adapter, [items[n] for n in todo]),
+            _LoadItems(adapter, [items[n] for n in todo], checks.max_image_pixels),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_Collate(adapter),
@@ -112,19 +152,22 @@ def extract(
         buf_idx: list[int] = []
         buf_vec: list[np.ndarray] = []
         buf_err: list[str | None] = []
+        buf_notes: list[dict[str, float] | None] = []
 
-        def flush() -> None:
-            if buf_idx:
-                rows = [todo[j] for j in buf_idx]
+        def flush(limit: int) -> None:
+            """Write full shards of ``shard_size`` items while the buffer holds ``limit`` or more."""
+            while buf_idx and len(buf_idx) >= limit:
+                n = min(shard_size, len(buf_idx))
+                rows = [todo[j] for j in buf_idx[:n]]
                 store.write_shard([keys[r] for r in rows], [str(ids[r]) for r in rows],
-                                  np.stack(buf_vec), buf_err)
-                buf_idx.clear(), buf_vec.clear(), buf_err.clear()
+                                  np.stack(buf_vec[:n]), buf_err[:n], buf_notes[:n])
+                del buf_idx[:n], buf_vec[:n], buf_err[:n], buf_notes[:n]
 
         zero = np.zeros(adapter.dim, dtype=np.float32)
         bar = tqdm(total=len(todo), desc=f"encode {adapter.modality} ({adapter.key()})", unit="item",
                    disable=not progress, dynamic_ncols=True)
         with bar:
-            for good, batch, bad in loader:
+            for good, batch, notes, bad in loader:
                 if good:
                     try:
                         vectors = adapter.encode(batch).numpy()
@@ -133,23 +176,49 @@ def extract(
                     else:
                         errs = [None] * len(good)
                     finite = np.isfinite(vectors).all(axis=1)
-                    for j, vec, err, fin in zip(good, vectors, errs, finite):
+                    for j, vec, err, fin, note in zip(good, vectors, errs, finite, notes):
                         if err is None and not fin:
                             err = "encoder produced NaN or infinite values"
                         buf_idx.append(j), buf_vec.append(vec if err is None else zero), buf_err.append(err)
-                for j, err in bad:
-                    buf_idx.append(j), buf_vec.append(zero), buf_err.append(err)
+                        buf_notes.append(note)
+                for j, err, store_it in bad:
+                    if store_it:
+                        buf_idx.append(j), buf_vec.append(zero), buf_err.append(err), buf_notes.append(None)
+                    else:
+                        refused[todo[j]] = err
                 bar.update(len(good) + len(bad))
-                if len(buf_idx) >= shard_size:
-                    flush()
-            flush()
+                flush(shard_size)
+            flush(1)
         stats.encoded = len(todo)
     stats.seconds = time.perf_counter() - start
     result = store.lookup(keys)
+    if refused:
+        result.errors.update(refused)
+        result.missing = [n for n in result.missing if n not in refused]
+    _judge_silence(result, checks)
     stats.bad = len(result.errors) + len(result.missing)
     for reason in result.errors.values():
         stats.bad_reasons[reason_kind(reason)] = stats.bad_reasons.get(reason_kind(reason), 0) + 1
+    stats.flagged = len(result.flags)
+    for reason in result.flags.values():
+        stats.flagged_reasons[reason_kind(reason)] = stats.flagged_reasons.get(reason_kind(reason), 0) + 1
     return result, stats
+
+
+def _judge_silence(result: Lookup, checks: ItemChecks) -> None:
+    """Flag (or, with ``drop_silent``, turn into errors) the good items whose audio level is too low."""
+    for i, notes in result.notes.items():
+        level = notes.get("audio_db")
+        if level is None or level >= checks.silence_db or not result.ok[i]:
+            continue
+        level_text = "digital silence" if level <= SILENCE_FLOOR_DB else f"{level:.1f} dBFS"
+        reason = f"{SILENT_AUDIO}: {level_text}, below {checks.silence_db:g} dBFS"
+        if checks.drop_silent:
+            result.errors[i] = f"{reason} (dropped: data.silent_audio=drop)"
+            result.ok[i] = False
+            result.vectors[i] = 0.0
+        else:
+            result.flags[i] = f"{reason} (kept: data.silent_audio=keep)"
 
 
 def _encode_one_by_one(adapter: Adapter, dataset: _LoadItems, good: list[int],
@@ -159,7 +228,7 @@ def _encode_one_by_one(adapter: Adapter, dataset: _LoadItems, good: list[int],
     errs: list[str | None] = []
     for n, j in enumerate(good):
         try:
-            vectors[n] = adapter.encode(adapter.collate([adapter.load(dataset.items[j])])).numpy()[0]
+            vectors[n] = adapter.encode(adapter.collate([dataset.load(j)[0]])).numpy()[0]
             errs.append(None)
         except Exception as item_exc:
             errs.append(f"encoder failed: {type(item_exc).__name__}: {item_exc}")

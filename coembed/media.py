@@ -7,13 +7,17 @@ data sources agree on what a bad item is. Failures raise
 
 from __future__ import annotations
 
+import enum
 import io
 import math
 import os
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
@@ -21,6 +25,85 @@ from coembed.registry import BadItem
 
 #: Images above this many pixels are refused (decompression bombs); recipes can change it.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold
+
+#: Audio quieter than this (RMS, dBFS) counts as silent.
+DEFAULT_SILENCE_DB = -60.0
+
+#: The floor :func:`audio_level_db` reports for digital silence.
+SILENCE_FLOOR_DB = -200.0
+
+
+class OverLimit(BadItem):
+    """An item refused by a configurable limit (not a fault of the file): never cached as bad."""
+
+
+class MediaRef(ABC):
+    """A raw item that lives elsewhere (a cell of a memory-mapped table, ...).
+
+    Records hold the reference; the decoder (in a DataLoader worker) calls
+    :meth:`fetch` for the raw item itself, so a data set never has to sit in
+    memory and pickling a record stays cheap.
+    """
+
+    @abstractmethod
+    def fetch(self) -> Any:
+        """The raw item: a path, bytes, a ``{"bytes", "path"}`` dict, a PIL image, ..."""
+
+    @abstractmethod
+    def identity(self) -> str:
+        """A string that changes when the referenced content changes (the store's cache key)."""
+
+
+class _Default(enum.Enum):
+    FROM_CONTEXT = "from_context"
+
+
+#: ``load_image(..., max_pixels=FROM_CONTEXT)``: the limit of the enclosing :func:`decoding` block.
+FROM_CONTEXT = _Default.FROM_CONTEXT
+
+
+@dataclass
+class _DecodeContext:
+    max_image_pixels: int | None
+    measurements: dict[str, float] = field(default_factory=dict)
+
+
+_context: ContextVar[_DecodeContext | None] = ContextVar("coembed_decoding", default=None)
+
+
+@contextmanager
+def decoding(max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[dict[str, float]]:
+    """Settings and measurements for the items decoded inside the block.
+
+    :func:`load_image` refuses images above ``max_image_pixels`` (``None``: no
+    limit) unless called with its own limit, and :func:`load_audio` records
+    the level of what it decoded as ``"audio_db"`` in the yielded dict. The
+    extraction wraps each ``adapter.load`` in this block, so recipe settings
+    reach adapters that just call :func:`load_image` / :func:`load_audio`.
+    """
+    ctx = _DecodeContext(max_image_pixels)
+    token = _context.set(ctx)
+    try:
+        yield ctx.measurements
+    finally:
+        _context.reset(token)
+
+
+def safe_text(text: str) -> str:
+    """``text`` made encodable as UTF-8: lone surrogates (the undecodable bytes of a
+    file name, as ``os.fsdecode`` keeps them) become backslash escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_path_name(path: str | os.PathLike) -> None:
+    """Raise :class:`BadItem` for a path whose name is not valid UTF-8."""
+    name = os.fsdecode(path)
+    if safe_text(name) != name:
+        raise BadItem(f"path name is not valid UTF-8: {safe_text(name)!r}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +135,10 @@ class Waveform:
         return len(self.samples) / float(self.sample_rate)
 
 
-def _check_file(path: str | os.PathLike) -> Path:
+def check_file(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`Path`; :class:`BadItem` when its name is not UTF-8, or it is missing,
+    not a regular file, or empty."""
+    check_path_name(path)
     p = Path(path)
     if not p.exists():
         raise BadItem(f"missing file: {os.fsdecode(p)!r}")
@@ -60,6 +146,8 @@ def _check_file(path: str | os.PathLike) -> Path:
         raise BadItem(f"not a file: {os.fsdecode(p)!r}")
     if p.stat().st_size == 0:
         raise BadItem("zero-byte file")
+    if not os.access(p, os.R_OK):
+        raise BadItem(f"unreadable file (permission denied): {os.fsdecode(p)!r}")
     return p
 
 
@@ -136,23 +224,30 @@ def load_audio(
 
     ``item`` may be a path (any format soundfile or FFmpeg reads, video files
     included), bytes, an :class:`AudioSegment`, a :class:`Waveform`, a dict
-    ``{"array": ..., "sampling_rate": ...}`` (the ``datasets`` Audio feature),
-    or a numpy/torch array with ``item_sample_rate``.
+    ``{"array": ..., "sampling_rate": ...}`` (the ``datasets`` Audio feature
+    decoded) or ``{"bytes": ..., "path": ...}`` (undecoded), a
+    :class:`MediaRef`, or a numpy/torch array with ``item_sample_rate``.
+    Inside a :func:`decoding` block the level of the decoded audio is recorded.
     """
+    if isinstance(item, MediaRef):
+        item = item.fetch()
     wave: Waveform
     if isinstance(item, Waveform):
         wave = Waveform(to_mono(item.samples), item.sample_rate)
     elif isinstance(item, dict) and "array" in item:
         wave = Waveform(to_mono(np.asarray(item["array"])), int(item["sampling_rate"]))
+    elif isinstance(item, dict) and ("bytes" in item or "path" in item):
+        data = item.get("bytes")
+        return load_audio(data if data else item.get("path"), sample_rate, item_sample_rate=item_sample_rate)
     elif isinstance(item, AudioSegment):
-        _check_file(item.path)
+        check_file(item.path)
         wave = _decode_audio_av(item.path, item.start, item.duration)
     elif isinstance(item, (bytes, bytearray, memoryview)):
         if len(item) == 0:
             raise BadItem("empty audio bytes")
         wave = _decode_audio_bytes(bytes(item))
     elif isinstance(item, (str, os.PathLike)):
-        path = _check_file(item)
+        path = check_file(item)
         wave = _decode_audio_path(path)
     else:
         array = _as_numpy(item)
@@ -165,6 +260,9 @@ def load_audio(
         raise BadItem("audio holds no samples")
     if not np.all(np.isfinite(wave.samples)):
         raise BadItem("audio holds NaN or infinite samples")
+    ctx = _context.get()
+    if ctx is not None:
+        ctx.measurements["audio_db"] = audio_level_db(wave.samples)
     return Waveform(resample(wave.samples, wave.sample_rate, sample_rate), sample_rate)
 
 
@@ -201,24 +299,36 @@ def _decode_audio_bytes(data: bytes) -> Waveform:
         return _decode_audio_av(io.BytesIO(data))
 
 
-def is_silent(samples: np.ndarray, threshold_db: float = -60.0) -> bool:
-    """True when the RMS level of ``samples`` is below ``threshold_db`` dBFS."""
+def audio_level_db(samples: np.ndarray) -> float:
+    """RMS level of ``samples`` in dBFS (:data:`SILENCE_FLOOR_DB` for digital silence)."""
     if samples.size == 0:
-        return True
+        return SILENCE_FLOOR_DB
     rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
-    return rms <= 0.0 or 20.0 * math.log10(rms) < threshold_db
+    return max(SILENCE_FLOOR_DB, 20.0 * math.log10(rms)) if rms > 0.0 else SILENCE_FLOOR_DB
 
 
-def load_image(item: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+def is_silent(samples: np.ndarray, threshold_db: float = DEFAULT_SILENCE_DB) -> bool:
+    """True when the RMS level of ``samples`` is below ``threshold_db`` dBFS."""
+    return audio_level_db(samples) < threshold_db
+
+
+def load_image(item: Any, max_pixels: int | None | Literal[_Default.FROM_CONTEXT] = FROM_CONTEXT):
     """Decode ``item`` to an RGB :class:`PIL.Image.Image`.
 
     ``item`` may be a path, bytes, a :class:`VideoFrame`, a PIL image, a numpy
-    ``[H, W]``/``[H, W, C]`` uint8 array, or a dict ``{"bytes": ..., "path": ...}``
-    (the ``datasets`` Image feature undecoded). Any mode (grayscale, RGBA, CMYK,
-    palette, 16-bit) is converted to RGB.
+    ``[H, W]``/``[H, W, C]`` uint8 array, a dict ``{"bytes": ..., "path": ...}``
+    (the ``datasets`` Image feature undecoded) or a :class:`MediaRef`. Any mode
+    (grayscale, RGBA, CMYK, palette, 16-bit) is converted to RGB. Images above
+    ``max_pixels`` (default: the enclosing :func:`decoding` block's limit, else
+    :data:`DEFAULT_MAX_IMAGE_PIXELS`; ``None``: no limit) raise :class:`OverLimit`.
     """
     from PIL import Image
 
+    if max_pixels is FROM_CONTEXT:
+        ctx = _context.get()
+        max_pixels = ctx.max_image_pixels if ctx is not None else DEFAULT_MAX_IMAGE_PIXELS
+    if isinstance(item, MediaRef):
+        item = item.fetch()
     if isinstance(item, Image.Image):
         image = item
     elif isinstance(item, VideoFrame):
@@ -231,7 +341,7 @@ def load_image(item: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
             raise BadItem("empty image bytes")
         image = _open_image(io.BytesIO(bytes(item)), max_pixels)
     elif isinstance(item, (str, os.PathLike)):
-        image = _open_image(_check_file(item), max_pixels)
+        image = _open_image(check_file(item), max_pixels)
     else:
         array = _as_numpy(item)
         if array is None:
@@ -240,7 +350,7 @@ def load_image(item: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
             array = np.clip(array, 0, 255).astype(np.uint8)
         image = Image.fromarray(array)
     if max_pixels is not None and image.width * image.height > max_pixels:
-        raise BadItem(f"image has {image.width * image.height} pixels, above the limit of {max_pixels}")
+        raise OverLimit(f"image too large: {image.width * image.height} pixels, above the limit of {max_pixels}")
     return to_rgb(image)
 
 
@@ -250,12 +360,13 @@ def _open_image(source: Any, max_pixels: int | None):
     try:
         image = Image.open(source)
         if max_pixels is not None and image.width * image.height > max_pixels:
-            raise BadItem(f"image has {image.width * image.height} pixels, above the limit of {max_pixels}")
+            raise OverLimit(f"image too large: {image.width * image.height} pixels, "
+                            f"above the limit of {max_pixels}")
         image.load()
     except BadItem:
         raise
     except Image.DecompressionBombError as exc:
-        raise BadItem("image exceeds the decompression-bomb pixel limit") from exc
+        raise OverLimit("image too large: above PIL's decompression-bomb pixel limit") from exc
     except Exception as exc:
         raise BadItem(f"not a readable image ({type(exc).__name__})") from exc
     return image
@@ -291,7 +402,7 @@ def read_video_frame(frame: VideoFrame):
     """Decode the frame of ``frame.path`` nearest to ``frame.time`` as a PIL image."""
     import av
 
-    _check_file(frame.path)
+    check_file(frame.path)
     try:
         container = av.open(frame.path)
     except Exception as exc:

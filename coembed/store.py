@@ -5,30 +5,39 @@ Layout::
     <root>/<fingerprint>/
         store.json                 adapter key, config, dim (written once)
         shard-<time>-<uid>/        one ``datasets`` Arrow table per shard, columns
-                                   key, id, embedding (float32[dim]), error (null when good)
+                                   key, id, embedding (float32[dim]), error (null when good),
+                                   notes (JSON measurements of the item, e.g. its audio level)
 
-A shard is written to a temporary folder and renamed into place, so a reader
-sees a shard whole or not at all; a killed run leaves at most a ``.tmp-*``
-folder, which the next writer removes. The key of an item is derived from the
-record id and the item's content identity (a file's path, size and mtime, or
-a string's hash): change a file and it is encoded again.
+A shard is written to a temporary folder ``.tmp-<host>-<pid>-<name>``, flushed
+to disk and renamed into place, so a reader sees a shard whole or not at all;
+a killed run leaves at most a temporary folder, which the next writer removes
+once its process is gone. A shard that cannot be read is skipped with a
+warning (its items are simply encoded again). When two shards hold the same
+key the older shard wins. The key of an item is derived from the record id and
+the item's content identity (a file's path, size and mtime, a string's hash,
+or a :class:`~coembed.media.MediaRef`'s identity): change a file and it is
+encoded again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from coembed.media import AudioSegment, VideoFrame
+from coembed.media import AudioSegment, MediaRef, VideoFrame, safe_text
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("COEMBED_CACHE", "~/.cache/coembed")).expanduser() / "embeddings"
 
@@ -43,6 +52,8 @@ def _file_identity(path: str) -> str:
 
 def content_identity(item: Any) -> str:
     """A string that changes when the raw item's content changes."""
+    if isinstance(item, MediaRef):
+        return "ref|" + item.identity()
     if isinstance(item, (AudioSegment, VideoFrame)):
         fields = {k: v for k, v in vars(item).items() if k != "path"}
         return f"{type(item).__name__}|{_file_identity(item.path)}|{json.dumps(fields, sort_keys=True)}"
@@ -61,12 +72,29 @@ def content_identity(item: Any) -> str:
         h = hashlib.sha256()
         for k in sorted(item):
             v = item[k]
-            h.update(k.encode())
-            h.update(np.ascontiguousarray(v).tobytes() if isinstance(v, np.ndarray) else repr(v).encode())
+            h.update(str(k).encode())
+            if isinstance(v, np.ndarray):
+                h.update(np.ascontiguousarray(v).tobytes())
+            elif isinstance(v, (bytes, bytearray, memoryview)):
+                h.update(v)
+            else:
+                h.update(repr(v).encode("utf-8", "surrogatepass"))
         return "dict|" + h.hexdigest()
     if isinstance(item, np.ndarray):
         return "array|" + hashlib.sha256(np.ascontiguousarray(item).tobytes()).hexdigest()
-    return "repr|" + hashlib.sha256(repr(item).encode()).hexdigest()
+    if _is_pil_image(item):
+        h = hashlib.sha256(f"{item.mode}|{item.size}".encode())
+        h.update(item.tobytes())
+        return "image|" + h.hexdigest()
+    return "repr|" + hashlib.sha256(repr(item).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _is_pil_image(item: Any) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        return False
+    return isinstance(item, Image.Image)
 
 
 def item_key(record_id: str, item: Any) -> str:
@@ -82,6 +110,8 @@ class Lookup:
     ok: np.ndarray               # [n] bool
     errors: dict[int, str]       # index -> reason, for items the encoder could not use
     missing: list[int]           # indices with no entry in the store
+    notes: dict[int, dict[str, float]] = field(default_factory=dict)  # index -> measurements of the item
+    flags: dict[int, str] = field(default_factory=dict)  # index -> why a kept item is suspect
 
 
 class EmbeddingStore:
@@ -99,16 +129,26 @@ class EmbeddingStore:
         self._index: dict[str, int] | None = None
         self._matrix = np.zeros((0, dim), np.float32)
         self._errors: list[str | None] = []
+        self._notes: list[str | None] = []
 
     # -- writing --------------------------------------------------------------------
     def clean_partial(self) -> None:
-        """Remove temporary folders left by a killed writer."""
+        """Remove temporary folders whose writer is gone (killed, crashed).
+
+        Folders of a writer still running on this host are left alone, so two
+        runs sharing a cache do not break each other; those of another host
+        are removed once a day old.
+        """
         for tmp in self.dir.glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+            if _writer_gone(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def write_shard(self, keys: Sequence[str], ids: Sequence[str], vectors: np.ndarray,
-                    errors: Sequence[str | None]) -> Path:
-        """Write one shard atomically: ``vectors`` is ``[n, dim]``; rows with an error are ignored."""
+                    errors: Sequence[str | None], notes: Sequence[dict[str, float] | None] | None = None) -> Path:
+        """Write one shard atomically: ``vectors`` is ``[n, dim]``; rows with an error are ignored.
+
+        ``notes`` holds optional per-item measurements (JSON-serialisable dicts).
+        """
         import datasets
         from datasets import Dataset, Features, List, Value
 
@@ -119,17 +159,25 @@ class EmbeddingStore:
             "id": Value("string"),
             "embedding": List(Value("float32"), length=self.dim),
             "error": Value("string"),
+            "notes": Value("string"),
         })
         table = Dataset.from_dict(
-            {"key": list(keys), "id": list(ids),
+            {"key": list(keys), "id": [safe_text(str(i)) for i in ids],
              "embedding": np.nan_to_num(np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)),
-             "error": list(errors)},
+             "error": [None if e is None else safe_text(e) for e in errors],
+             "notes": [json.dumps(n) if n else None for n in (notes or [None] * len(keys))]},
             features=features,
         )
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        tmp = self.dir / f".tmp-{name}"
-        table.save_to_disk(str(tmp))
-        os.replace(tmp, self.dir / name)
+        tmp = self.dir / f".tmp-{_host()}-{os.getpid()}-{name}"
+        try:
+            table.save_to_disk(str(tmp))
+            _fsync_tree(tmp)
+            os.replace(tmp, self.dir / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.dir)
         self._index = None
         return self.dir / name
 
@@ -142,15 +190,27 @@ class EmbeddingStore:
         if self._index is None:
             from datasets import load_from_disk
 
-            matrices, errors, keys = [], [], []
+            matrices: list[np.ndarray] = []
+            errors: list[str | None] = []
+            notes: list[str | None] = []
+            keys: list[str] = []
             for shard in self.shards():
-                table = load_from_disk(str(shard)).data  # pyarrow, memory-mapped
-                column = table.column("embedding").combine_chunks()
-                matrices.append(column.values.to_numpy(zero_copy_only=False).reshape(-1, self.dim))
+                try:
+                    table = load_from_disk(str(shard)).data  # pyarrow, memory-mapped
+                    column = table.column("embedding").combine_chunks()
+                    matrix = column.values.to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+                except Exception as exc:  # a damaged shard costs its items a new encoding, not the run
+                    log.warning("skipping unreadable store shard %s (%s: %s); its items will be encoded again",
+                                shard, type(exc).__name__, exc)
+                    continue
+                matrices.append(matrix)
                 errors.extend(table.column("error").to_pylist())
+                notes.extend(table.column("notes").to_pylist() if "notes" in table.column_names
+                             else [None] * table.num_rows)
                 keys.extend(table.column("key").to_pylist())
             self._matrix = np.concatenate(matrices) if matrices else np.zeros((0, self.dim), np.float32)
             self._errors = errors
+            self._notes = notes
             index: dict[str, int] = {}
             for row, key in enumerate(keys):
                 index.setdefault(key, row)
@@ -171,10 +231,59 @@ class EmbeddingStore:
         vectors = np.zeros((len(keys), self.dim), dtype=np.float32)
         vectors[present] = self._matrix[rows[present]]
         errors = {i: self._errors[r] for i, r in enumerate(rows) if r >= 0 and self._errors[r] is not None}
+        notes = {i: json.loads(self._notes[r]) for i, r in enumerate(rows) if r >= 0 and self._notes[r]}
         ok = present.copy()
         ok[list(errors)] = False
         vectors[~ok] = 0.0
-        return Lookup(vectors, ok, errors, np.flatnonzero(~present).tolist())
+        return Lookup(vectors, ok, errors, np.flatnonzero(~present).tolist(), notes)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _writer_gone(tmp: Path) -> bool:
+    """Whether the process that writes the temporary folder ``tmp`` has ended."""
+    parts = tmp.name.split("-", 3)  # .tmp, host, pid, shard name
+    if len(parts) != 4 or not parts[2].isdigit():
+        return True
+    if parts[1] != _host():
+        try:
+            return time.time() - tmp.stat().st_mtime > 86_400
+        except OSError:
+            return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a freshly written folder's files to disk (a rename must never expose unwritten data)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -1,0 +1,484 @@
+"""Videos -> image/audio pairs: the paper's data, read from a folder of clips.
+
+The ``video_folder`` source reads a folder of videos in the VGG-Sound layout: a
+CSV without a header (YouTube id, start second, label, split) and clips named
+from id and start (``<id>_<start:06d>.mp4``, or ``<id>_<start>.mp4``). Without
+a CSV it takes every video under the folder, unlabelled.
+
+Every video is probed once with PyAV, in parallel threads: it needs a video
+stream (for an image modality) and an audio stream (for an audio modality),
+data up to the duration its header states, and at least ``min_seconds`` where
+both streams overlap. A video that fails becomes a :class:`~coembed.data.BadRecord`
+with the reason. From each good video, ``frames`` frames (the middle one, or N
+evenly spaced) become one record each: the frame (:class:`~coembed.media.VideoFrame`)
+paired with ``clip_seconds`` of audio centred on it and shifted to stay inside
+the video (:class:`~coembed.media.AudioSegment`). Records of one video share
+the video as their group, so the split never puts a video on both sides.
+
+Probe results are cached next to the embedding store (``<cache>/.probes/``),
+keyed by each file's path, size and modification time, so re-running a killed
+or finished run does not probe a folder of hundreds of thousands of videos again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from pydantic import Field, PositiveInt, field_validator
+
+from coembed.data import BadRecord, Record, Source, SourceOptions, register_source
+from coembed.media import AudioSegment, VideoFrame, check_file, safe_text
+from coembed.registry import BadItem
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg")
+
+#: A file whose packets end this many seconds before its stated duration is truncated.
+TRUNCATION_TOLERANCE_S = 0.5
+
+#: Probing demuxes packets from this many seconds before the stated end (then from the start if that fails).
+TAIL_SECONDS = 2.0
+
+#: Bump when probing changes what it finds, to ignore older cache lines.
+PROBE_VERSION = 1
+
+
+class VideoFolderOptions(SourceOptions):
+    path: str = Field(description="folder of video clips (searched recursively; hidden files are skipped)")
+    csv: str | None = Field(default=None, description="VGG-Sound CSV without a header: YouTube id, start second, "
+                                                      "label, split (none: every video in the folder, unlabelled)")
+    csv_splits: list[str] | None = Field(default=None, description="keep only CSV rows of these splits, e.g. [train]")
+    name_format: str = Field(default="{id}_{start:06d}",
+                             description="file name (without extension) of a CSV row's clip; "
+                                         "<id>_<start> is tried too")
+    frames: Literal["middle"] | PositiveInt = Field(default="middle",
+                                                    description="'middle', or N evenly spaced frames per video")
+    clip_seconds: float = Field(default=5.0, gt=0.0, description="seconds of audio around each frame")
+    min_seconds: float = Field(default=1.0, ge=0.0, description="shorter videos are bad items")
+    extensions: list[str] = Field(default_factory=lambda: list(VIDEO_EXTENSIONS))
+    probe_workers: int = Field(default=8, ge=1, description="threads probing videos")
+    probe_cache: bool = Field(default=True, description="remember probe results across runs")
+
+    @field_validator("name_format")
+    @classmethod
+    def _formattable(cls, v: str) -> str:
+        try:
+            v.format(id="x", start=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"must use only {{id}} and {{start}} ({exc})") from None
+        return v
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted(cls, v: list[str]) -> list[str]:
+        return [e.lower() if e.startswith(".") else f".{e.lower()}" for e in v]
+
+
+# ---------------------------------------------------------------------------------------
+# probing
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """The spans (seconds on the file's timeline) that a file's video and audio packets cover.
+
+    ``None`` for a stream the file lacks (or whose stream holds no packets).
+    """
+
+    video: tuple[float, float] | None
+    audio: tuple[float, float] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"video": list(self.video) if self.video else None, "audio": list(self.audio) if self.audio else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "VideoProbe":
+        def span(key: str) -> tuple[float, float] | None:
+            value = data.get(key)
+            return (float(value[0]), float(value[1])) if value else None
+
+        return cls(span("video"), span("audio"))
+
+
+def probe_video(path: str) -> VideoProbe:
+    """Find a video file's streams and how far their data really reaches (packets only, no decoding).
+
+    Raises :class:`BadItem` for a file that is not media or whose data ends
+    before the duration its header states (a truncated download).
+    """
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as exc:  # av raises many error types for non-media input
+        raise BadItem(f"not a readable media file ({type(exc).__name__})") from exc
+    with container:
+        video = next((s for s in container.streams.video if not _is_attached_picture(s)), None)
+        audio = container.streams.audio[0] if container.streams.audio else None
+        streams = [s for s in (video, audio) if s is not None]
+        if not streams:
+            return VideoProbe(None, None)
+        stated = _stated_end(container, streams)
+        ends = _packet_ends(container, streams, stated)
+        if not ends:
+            raise BadItem("no media data: the streams hold no packets")
+        reached = max(ends.values())
+        if stated is not None and reached < stated - TRUNCATION_TOLERANCE_S:
+            raise BadItem(f"truncated file: data ends at {reached:.2f} s of the stated {stated:.2f} s")
+
+        def span(stream: Any) -> tuple[float, float] | None:
+            if stream is None or stream.index not in ends:
+                return None
+            return (_start_of(container, stream), ends[stream.index])
+
+        return VideoProbe(span(video), span(audio))
+
+
+def _is_attached_picture(stream: Any) -> bool:
+    """A cover image stored as a video stream (audio files with album art) is no video."""
+    import av
+
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
+
+
+def _start_of(container: Any, stream: Any) -> float:
+    import av
+
+    if stream.start_time is not None and stream.time_base:
+        return float(stream.start_time * stream.time_base)
+    if container.start_time is not None:
+        return container.start_time / av.time_base
+    return 0.0
+
+
+def _stated_end(container: Any, streams: list[Any]) -> float | None:
+    """Where the headers say the streams end (seconds), or None when they do not say."""
+    import av
+
+    ends = [float(((s.start_time or 0) + s.duration) * s.time_base)
+            for s in streams if s.duration is not None and s.time_base]
+    if ends:
+        return max(ends)
+    if container.duration is not None:
+        return ((container.start_time or 0) + container.duration) / av.time_base
+    return None
+
+
+def _packet_ends(container: Any, streams: list[Any], stated_end: float | None) -> dict[int, float]:
+    """stream index -> end (seconds) of its last packet: from a seek near the stated end, or the whole file."""
+    import av
+
+    if stated_end is not None and stated_end > TAIL_SECONDS:
+        try:
+            container.seek(int((stated_end - TAIL_SECONDS) * av.time_base), backward=True)
+            ends = _demux_ends(container, streams)
+            if all(s.index in ends for s in streams):
+                return ends
+        except (av.error.FFmpegError, OSError):
+            pass
+        # a stream that ends early, or a file the seek cannot handle: read every packet
+        with av.open(container.name) as again:
+            return _demux_ends(again, [again.streams[s.index] for s in streams])
+    return _demux_ends(container, streams)
+
+
+def _demux_ends(container: Any, streams: list[Any]) -> dict[int, float]:
+    import av
+
+    ends: dict[int, float] = {}
+    try:
+        for packet in container.demux(*streams):
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if ts is None or packet.time_base is None:
+                continue  # a flush packet
+            end = float((ts + (packet.duration or 0)) * packet.time_base)
+            index = packet.stream.index
+            if end > ends.get(index, -math.inf):
+                ends[index] = end
+    except (av.error.FFmpegError, OSError):
+        pass  # damaged data: what was read counts, and a short reach means "truncated"
+    return ends
+
+
+class _ProbeCache:
+    """Probe results by (relative path, size, mtime), in an append-only JSON-lines file.
+
+    A killed run leaves at most one partial line, which is skipped; a changed
+    file has a new size or mtime and is probed again.
+    """
+
+    def __init__(self, file: Path | None) -> None:
+        self.file = file
+        self.entries: dict[tuple[str, int, int], dict[str, Any]] = {}
+        self._fh: Any = None
+        if file is not None and file.is_file():
+            with file.open(encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        row = json.loads(line)
+                        if row.pop("v") == PROBE_VERSION:
+                            self.entries[(row.pop("path"), row.pop("size"), row.pop("mtime_ns"))] = row
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        continue
+
+    def get(self, key: tuple[str, int, int]) -> dict[str, Any] | None:
+        return self.entries.get(key)
+
+    def put(self, key: tuple[str, int, int], value: dict[str, Any]) -> None:
+        self.entries[key] = value
+        if self.file is None:
+            return
+        if self._fh is None:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self.file.open("a", encoding="utf-8")
+        path, size, mtime_ns = key
+        self._fh.write(json.dumps({"v": PROBE_VERSION, "path": path, "size": size, "mtime_ns": mtime_ns, **value})
+                       + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+@dataclass
+class _Video:
+    id: str
+    path: str | None            # None: the CSV names a clip that is not in the folder
+    label: str | None = None
+
+
+#: A probe's outcome: what the file holds, or why it is bad (and whether that reason may be cached).
+_Outcome = tuple[VideoProbe | str, tuple[str, int, int] | None]
+
+
+def _probe_job(video: _Video, folder: Path, cache: _ProbeCache) -> _Outcome:
+    """Check and probe one video; the second value is the cache key when the result is new."""
+    assert video.path is not None
+    try:
+        check_file(video.path)
+        st = os.stat(video.path)
+    except BadItem as exc:  # missing, empty, unreadable, a bad name: cheap to find again, never cached
+        return safe_text(str(exc)), None
+    except OSError as exc:
+        return safe_text(f"unreadable file ({type(exc).__name__}: {exc})"), None
+    key = (os.path.relpath(video.path, folder), st.st_size, st.st_mtime_ns)
+    cached = cache.get(key)
+    if cached is not None:
+        return (cached["error"] if "error" in cached else VideoProbe.from_json(cached)), None
+    try:
+        return probe_video(video.path), key
+    except BadItem as exc:
+        return safe_text(str(exc)), key
+    except Exception as exc:  # an unexpected PyAV error is still one bad video
+        return safe_text(f"probe failed: {type(exc).__name__}: {exc}"), None
+
+
+# ---------------------------------------------------------------------------------------
+# pairing
+# ---------------------------------------------------------------------------------------
+
+
+def frame_times(start: float, end: float, frames: int | Literal["middle"]) -> list[float]:
+    """Times of the frames taken from ``[start, end]``: its middle, or N evenly spaced (centres of N equal parts)."""
+    n = 1 if frames == "middle" else int(frames)
+    return [round(start + (k + 0.5) * (end - start) / n, 3) for k in range(n)]
+
+
+def audio_window(t: float, start: float, end: float, seconds: float) -> tuple[float, float]:
+    """``(begin, duration)`` of ``seconds`` of audio centred on ``t``, shifted to stay inside ``[start, end]``."""
+    duration = min(seconds, end - start)
+    begin = min(max(t - duration / 2.0, start), end - duration)
+    return round(begin, 3), round(duration, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# the source
+# ---------------------------------------------------------------------------------------
+
+
+def read_vggsound_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, cells)`` of a header-less CSV; blank lines and ``#`` comments are skipped."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+        for lineno, row in enumerate(csv.reader(fh), 1):
+            if row and row[0].strip() and not row[0].lstrip().startswith("#"):
+                yield lineno, [cell.strip() for cell in row]
+
+
+@register_source
+class VideoFolderSource(Source):
+    """Frames of videos paired with the audio around them (the paper's VGG-Sound data).
+
+    A recipe modality whose column is ``image`` gets the frames, one whose
+    column is ``audio`` the audio segments, one whose column is ``label`` the
+    CSV label as text; other modalities get no item from this source.
+    """
+
+    name = "video_folder"
+    Options = VideoFolderOptions
+    options: VideoFolderOptions
+
+    def describe(self) -> str:
+        o = self.options
+        return f"video folder {self.recipe.resolve_path(o.path)}" + (f" with {o.csv}" if o.csv else "")
+
+    def __iter__(self) -> Iterator[Record | BadRecord]:
+        from coembed.recipe import RecipeError
+
+        o = self.options
+        folder = self.recipe.resolve_path(o.path)
+        if not folder.is_dir():
+            raise RecipeError(f"data.path: video folder not found: {folder}")
+        files = _list_videos(folder, o.extensions)
+        videos: list[_Video] = []
+        if o.csv:
+            csv_path = self.recipe.resolve_path(o.csv)
+            if not csv_path.is_file():
+                raise RecipeError(f"data.csv: CSV not found: {csv_path}")
+            for item in self._videos_from_csv(csv_path, files):
+                if isinstance(item, BadRecord):
+                    yield item
+                else:
+                    videos.append(item)
+        else:
+            videos = [_Video(safe_text(rel), path) for rel, path in files.items()]
+        self.counts["videos"] = len(videos)
+        outcomes = self._probe_all(folder, [v for v in videos if v.path is not None])
+        usable = 0
+        for video in videos:
+            if video.path is None:
+                yield BadRecord(video.id, f"missing file: no clip named {video.id}.* in {folder}")
+                continue
+            outcome = outcomes[video.path]
+            if isinstance(outcome, str):
+                yield BadRecord(video.id, outcome)
+                continue
+            good = False
+            for rec in self._pairs(video, outcome):
+                good = good or isinstance(rec, Record)
+                yield rec
+            usable += good
+        self.counts["usable_videos"] = usable
+
+    def _videos_from_csv(self, csv_path: Path, files: dict[str, str]) -> Iterator[_Video | BadRecord]:
+        o = self.options
+        by_stem: dict[str, str] = {}
+        for rel, path in files.items():
+            by_stem.setdefault(os.path.splitext(os.path.basename(rel))[0], path)
+        seen: set[str] = set()
+        for lineno, row in read_vggsound_csv(csv_path):
+            where = f"{csv_path.name}:{lineno}"
+            try:
+                value = float(row[1]) if len(row) > 1 else math.nan
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                if lineno > 1:  # a first line without a number is a header
+                    yield BadRecord(where, "CSV row needs a YouTube id and a start second")
+                continue
+            if o.csv_splits is not None and (len(row) < 4 or row[3] not in o.csv_splits):
+                continue
+            ytid, label = row[0], (row[2] if len(row) > 2 and row[2] else None)
+            start: int | float = int(value) if value.is_integer() else value
+            try:
+                names = [o.name_format.format(id=ytid, start=start), f"{ytid}_{start}"]
+            except ValueError as exc:
+                yield BadRecord(where, f"CSV row does not fit data.name_format ({exc})")
+                continue
+            vid = safe_text(names[0])
+            if vid in seen:
+                yield BadRecord(vid, f"duplicate CSV row ({where})")
+                continue
+            seen.add(vid)
+            yield _Video(vid, next((by_stem[n] for n in names if n in by_stem), None), label)
+
+    def _probe_all(self, folder: Path, videos: list[_Video]) -> dict[str, VideoProbe | str]:
+        """path -> probe or reason, probing in parallel (cached results first) with a progress bar."""
+        from tqdm.auto import tqdm
+
+        o = self.options
+        cache = _ProbeCache(self._cache_file(folder) if o.probe_cache else None)
+        out: dict[str, VideoProbe | str] = {}
+        probed = 0
+        pool = ThreadPoolExecutor(max_workers=o.probe_workers, thread_name_prefix="coembed-probe")
+        try:
+            results = pool.map(lambda v: _probe_job(v, folder, cache), videos)
+            with tqdm(total=len(videos), desc="probe videos", unit="video", disable=not self.progress,
+                      dynamic_ncols=True) as bar:
+                for video, (outcome, new_key) in zip(videos, results):
+                    assert video.path is not None
+                    out[video.path] = outcome
+                    if new_key is not None:
+                        probed += 1
+                        cache.put(new_key, {"error": outcome} if isinstance(outcome, str) else outcome.to_json())
+                    bar.update(1)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            cache.close()
+        self.counts["probed"] = probed
+        log.info("video folder %s: %d videos, %d probed, %d from the probe cache", folder, len(videos), probed,
+                 len(videos) - probed)
+        return out
+
+    def _cache_file(self, folder: Path) -> Path:
+        from coembed.store import DEFAULT_CACHE_DIR
+
+        cache_dir = self.recipe.extraction.cache_dir
+        root = self.recipe.resolve_path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+        digest = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:16]
+        return root / ".probes" / f"{digest}.jsonl"
+
+    def _pairs(self, video: _Video, probe: VideoProbe) -> Iterator[Record | BadRecord]:
+        """The records of one probed video, or the reason it has none."""
+        o = self.options
+        assert video.path is not None
+        roles = {m: col for m, col in self.columns.items() if col in ("image", "audio", "label")}
+        spans = []
+        for role, span, missing in (("image", probe.video, "no video stream"),
+                                    ("audio", probe.audio, "no audio stream")):
+            wanted = [m for m, col in roles.items() if col == role]
+            if not wanted:
+                continue
+            if span is None:
+                yield BadRecord(video.id, missing, modality=wanted[0])
+                return
+            spans.append(span)
+        start = max((s for s, _ in spans), default=0.0)
+        end = min((e for _, e in spans), default=0.0)
+        if end - start < o.min_seconds:
+            yield BadRecord(video.id, f"video too short: {max(end - start, 0.0):.2f} s (minimum {o.min_seconds:g} s)")
+            return
+        for k, t in enumerate(frame_times(start, end, o.frames)):
+            items: dict[str, Any] = {}
+            for modality, role in roles.items():
+                if role == "image":
+                    items[modality] = VideoFrame(video.path, t)
+                elif role == "audio":
+                    items[modality] = AudioSegment(video.path, *audio_window(t, start, end, o.clip_seconds))
+                elif video.label:
+                    items[modality] = video.label
+            yield Record(id=f"{video.id}#{k}", group=video.id, items=items, label=video.label)
+
+
+def _list_videos(folder: Path, extensions: list[str]) -> dict[str, str]:
+    """relative path -> absolute path of every video file under ``folder``, in a stable order."""
+    wanted = set(extensions)
+    found: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
+                path = os.path.join(dirpath, name)
+                found[os.path.relpath(path, folder)] = path
+    return found
