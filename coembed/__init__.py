@@ -2,7 +2,8 @@
 
 The public surface::
 
-    from coembed import CoEmbedder            # a trained model: embed, similarity, save/load
+    from coembed import CoEmbedder            # a trained model: embed, similarity, save/load/push
+    from coembed import ModelLoadError        # why a model folder or Hub repo was refused
     from coembed import load_recipe, train_recipe
     from coembed import Adapter, AdapterOptions, BadItem, available_adapters, create_adapter
 """
@@ -16,7 +17,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-from coembed.model import CoEmbedder
+from coembed.model import CoEmbedder, ModelLoadError
 from coembed.recipe import Recipe, RecipeError, load_recipe
 from coembed.registry import (
     Adapter,
@@ -43,6 +44,7 @@ __all__ = [
     "AdapterOptions",
     "BadItem",
     "CoEmbedder",
+    "ModelLoadError",
     "Recipe",
     "RecipeError",
     "WeightsUnavailable",

@@ -6,15 +6,32 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 import click
 
 from coembed import __version__
 
+if TYPE_CHECKING:
+    from coembed.model import CoEmbedder
+    from coembed.recipe import DataConfig, ExtractionConfig
+
 SET_HELP = "Override a recipe value, e.g. --set train.epochs=5 (repeatable; values are YAML)."
 
 
-def _fail(message: str) -> None:
+class _TqdmLogHandler(logging.Handler):
+    """Console log lines printed above the progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _fail(message: str) -> NoReturn:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(2)
 
@@ -24,8 +41,14 @@ def _fail(message: str) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """Co-embed modalities: frozen encoders, cached embeddings, projection heads into one anchor space."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    console = _TqdmLogHandler()
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)  # per-epoch lines are DEBUG: train.log has them
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if not verbose:  # libraries that log to the root logger (open_clip) speak only when it matters
+        console.addFilter(lambda r: r.name.startswith("coembed") or r.levelno >= logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(console)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # third-party chatter stays at warnings unless asked for
     for name in ("httpx", "urllib3", "huggingface_hub", "datasets", "sentence_transformers", "open_clip"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -46,15 +69,16 @@ def train(recipe: Path, overrides: tuple[str, ...], run_dir: Path | None, no_pro
         parsed = load_recipe(recipe, list(overrides))
     except (RecipeError, AdapterError) as exc:
         _fail(str(exc))
+    from coembed.data import TooManyBadItems
     from coembed.run import train_recipe
 
     try:
         result = train_recipe(parsed, run_dir=run_dir, progress=not no_progress)
-    except (RecipeError, AdapterError) as exc:
+    except (RecipeError, AdapterError, TooManyBadItems) as exc:
         _fail(str(exc))
     val = result.metrics["validation"]
     click.echo(f"best epoch {result.metrics['best_epoch']}: "
-               + ", ".join(f"{k} {v:.3f}" for k, v in val.items() if k.endswith("R@1") or k == "mean_r1"))
+               + ", ".join(f"{k} {v:.3f}" for k, v in val.items() if (k.endswith("R@1") and "/chance/" not in k) or k == "mean_r1"))
     click.echo(f"run folder: {result.run_dir}")
 
 
@@ -88,6 +112,302 @@ def check(recipe: Path, overrides: tuple[str, ...]) -> None:
     except RecipeError as exc:
         _fail(str(exc))
     click.echo(parsed.to_yaml(), nl=False)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--image", "images", multiple=True, metavar="PATH", help="An image file (repeatable).")
+@click.option("--audio", "audios", multiple=True, metavar="PATH",
+              help="An audio or video file, or a .npy array of samples with --sample-rate (repeatable).")
+@click.option("--text", "texts", multiple=True, metavar="TEXT", help="A text (repeatable).")
+@click.option("--sample-rate", type=click.IntRange(min=1), default=None, help="Sample rate of .npy audio arrays.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file: .npy for one modality, .npz (one array per modality) for several "
+                   "[default: vectors.npy or vectors.npz].")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: CUDA when available].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id.")
+def encode(model: str, images: tuple[str, ...], audios: tuple[str, ...], texts: tuple[str, ...],
+           sample_rate: int | None, out: Path | None, device: str | None, batch_size: int,
+           revision: str | None) -> None:
+    """Embed inputs with MODEL (a model folder, a run folder or a Hub repo id) and save the vectors.
+
+    Vectors are L2-normalised rows in the model's shared space, in the order given.
+    """
+    import numpy as np
+
+    from coembed.model import CoEmbedder, ModelLoadError
+    from coembed.registry import AdapterError, BadItem
+
+    inputs: dict[str, list[str | np.ndarray]] = {m: list(v) for m, v in (("image", images), ("audio", audios), ("text", texts)) if v}
+    if not inputs:
+        _fail("nothing to encode: give --image, --audio and/or --text")
+    suffix = ".npy" if len(inputs) == 1 else ".npz"
+    out = out or Path(f"vectors{suffix}")
+    if out.suffix not in {".npy", ".npz"}:
+        out = out.with_name(out.name + suffix)
+    if out.suffix == ".npy" and len(inputs) > 1:
+        _fail(f"{len(inputs)} modalities need an .npz output (one array per modality), got --out {out}")
+    if "audio" in inputs:
+        try:
+            inputs["audio"] = [np.load(p, allow_pickle=False) if p.endswith(".npy") else p for p in inputs["audio"]]
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot read an audio array: {exc}")
+    try:
+        embedder = CoEmbedder.from_pretrained(model, device, revision=revision)
+        arrays = {m: embedder.embed(**{m: items}, sample_rate=sample_rate if m == "audio" else None,
+                                    batch_size=batch_size, as_numpy=True) for m, items in inputs.items()}
+    except (ModelLoadError, AdapterError, BadItem, ValueError) as exc:
+        _fail(str(exc))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, next(iter(arrays.values())))
+    else:
+        np.savez(out, **arrays)
+    for m, vectors in arrays.items():
+        click.echo(f"{m}: {vectors.shape[0]} x {vectors.shape[1]}")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--token", default=None, help="Hub token [default: HF_TOKEN or the stored login].")
+@click.option("--message", default=None, help="Commit message.")
+def push(path: Path, repo_id: str, private: bool, token: str | None, message: str | None) -> None:
+    """Upload a trained model to the Hugging Face Hub repo REPO_ID, with a model card.
+
+    PATH is a run folder (its model/, recipe, metrics and UMAP figures go up) or a model folder.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from coembed.model import CoEmbedder, ModelLoadError
+
+    try:
+        model = CoEmbedder.from_pretrained(path, "cpu")
+        url = model.push_to_hub(repo_id, private=private or None, token=token, commit_message=message)
+    except (ModelLoadError, HfHubHTTPError, ConnectionError) as exc:
+        _fail(str(exc))
+    click.echo(f"pushed {path} to {url}")
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation, figures and reports
+# ---------------------------------------------------------------------------------------
+
+
+def _run_folder(path: str) -> Path | None:
+    """The run folder ``path`` names (a run, or a run's ``model/``); None for a bare model."""
+    p = Path(path)
+    if (p / "model" / "config.json").is_file():
+        return p
+    if p.name == "model" and (p.parent / "recipe.yaml").is_file():
+        return p.parent
+    return None
+
+
+def _eval_data_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Options shared by the ``eval`` commands: the model and where the evaluation data comes from."""
+    options = [
+        click.argument("model"),
+        click.option("--data", "data_path", required=True, help="The data: an ESC-50 folder, a manifest file "
+                     "(CSV/JSONL) or a folder of videos."),
+        click.option("--layout", default="manifest", show_default=True,
+                     help="The data source reading --data: esc50, manifest, video_folder (or any registered one)."),
+        click.option("--folds", default=None, metavar="1,2,...", help="esc50: the folds to read [default: all]."),
+        click.option("--split", "splits", multiple=True, metavar="NAME",
+                     help="video_folder: keep CSV rows of this split, e.g. --split test (repeatable)."),
+        click.option("--label-column", default=None, help="manifest: the label column [default: label]."),
+        click.option("--column", "columns", multiple=True, metavar="MODALITY=COLUMN",
+                     help="The data column holding a modality [default: the modality's name] (repeatable)."),
+        click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+                     help="Any other option of the data source, e.g. --option csv=vggsound.csv (values are YAML)."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Folder for the results [default: the run folder when MODEL is one, else here]."),
+        click.option("--cache-dir", default=None, help="Embedding store root [default: ~/.cache/coembed/embeddings]."),
+        click.option("--device", default=None, help="cpu, cuda, ... [default: CUDA when available]."),
+        click.option("--no-progress", is_flag=True, help="Hide progress bars."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _eval_setup(model: str, data_path: str, layout: str, folds: str | None, splits: tuple[str, ...],
+                label_column: str | None, columns: tuple[str, ...], options: tuple[str, ...],
+                cache_dir: str | None, device: str | None
+                ) -> tuple[CoEmbedder, DataConfig, dict[str, str], ExtractionConfig]:
+    """The loaded model, the data section, the column map and the extraction settings of an ``eval`` command."""
+    from pydantic import ValidationError
+
+    from coembed.model import CoEmbedder, ModelLoadError
+    from coembed.recipe import DataConfig, ExtractionConfig, RecipeError, apply_overrides
+
+    if folds and not all(f.strip().isdigit() for f in folds.split(",")):
+        _fail(f"--folds takes fold numbers like 1,2 (got {folds!r})")
+    if any("=" not in c for c in columns):
+        _fail("--column takes MODALITY=COLUMN")
+    try:
+        source_options = apply_overrides({}, list(options))
+        if folds:
+            source_options["folds"] = [int(f) for f in folds.split(",")]
+        if splits:
+            source_options["csv_splits"] = list(splits)
+        if label_column:
+            source_options["label_column"] = label_column
+        data = DataConfig.model_validate({"source": layout, "path": data_path, **source_options})
+        embedder = CoEmbedder.from_pretrained(model, device)
+    except (RecipeError, ModelLoadError) as exc:
+        _fail(str(exc))
+    except ValidationError as exc:
+        _fail(f"invalid data options: {exc}")
+    return embedder, data, dict(c.split("=", 1) for c in columns), ExtractionConfig(cache_dir=cache_dir)
+
+
+def _refresh_run(run_dir: Path, section: str, name: str, values: dict[str, float]) -> None:
+    """Record new evaluation results in a run's metrics.json and rewrite its report when it has one."""
+    from coembed.report import REPORT_NAME, write_report
+
+    path = run_dir / "metrics.json"
+    if path.is_file():
+        metrics = json.loads(path.read_text())
+        metrics.setdefault(section, {})[name] = values
+        path.write_text(json.dumps(metrics, indent=2))
+    if (run_dir / REPORT_NAME).is_file():
+        write_report(run_dir)
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Evaluate a trained model: zero-shot classification, retrieval."""
+
+
+@eval_group.command("zero-shot")
+@_eval_data_options
+@click.option("--modality", default="audio", show_default=True, help="The modality whose items are classified.")
+@click.option("--text-modality", default=None, help="The modality reading the prompts [default: text].")
+@click.option("--templates", default=None, metavar="SET|FILE",
+              help="A built-in template set (plain, audio, image) or a file with one template per line, '{}' "
+                   "standing for the class name [default: the set for the modality].")
+@click.option("--name", default=None, help="Name of the results [default: the layout].")
+def zero_shot(model: str, data_path: str, layout: str, folds: str | None, splits: tuple[str, ...],
+              label_column: str | None, columns: tuple[str, ...], options: tuple[str, ...], out: Path | None,
+              cache_dir: str | None, device: str | None, no_progress: bool, modality: str,
+              text_modality: str | None, templates: str | None, name: str | None) -> None:
+    """Zero-shot classification with MODEL (a run folder, a model folder or a Hub repo id).
+
+    Labelled items of one modality (e.g. ESC-50 clips) are matched against their class names,
+    put into prompt templates and embedded by the model's text side. Prints top-1 and top-5
+    accuracy with chance levels; writes zeroshot-<name>.json and a confusion-matrix figure.
+    """
+    from coembed.data import TooManyBadItems
+    from coembed.recipe import RecipeError, ZeroShotConfig
+    from coembed.registry import AdapterError
+    from coembed.zeroshot import TOP_K, run_zero_shot
+
+    embedder, data, column_map, extraction = _eval_setup(model, data_path, layout, folds, splits, label_column,
+                                                         columns, options, cache_dir, device)
+    template_list: str | list[str] | None = templates
+    if templates and Path(templates).is_file():
+        template_list = [line.strip() for line in Path(templates).read_text().splitlines() if line.strip()]
+    run_dir = _run_folder(model)
+    out = out or run_dir or Path.cwd()
+    try:
+        config = ZeroShotConfig(name=name, modality=modality, text_modality=text_modality, templates=template_list,
+                                column=column_map.get(modality), data=data)
+        result = run_zero_shot(embedder, config, extraction=extraction, base_dir=Path.cwd(), out_dir=out,
+                               progress=not no_progress)
+    except (RecipeError, AdapterError, TooManyBadItems, ValueError) as exc:
+        _fail(str(exc))
+    if run_dir is not None and out == run_dir:
+        _refresh_run(run_dir, "zero_shot", result.name, result.metrics)
+    m = result.metrics
+    click.echo(f"{result.name}: {int(m['items'])} {result.modality} items, {int(m['classes'])} classes, "
+               f"{len(result.templates)} templates")
+    click.echo(f"  top-1 {m['top1']:.4f}  (chance {m['chance/top1']:.4f}, majority {m['majority/top1']:.4f})")
+    click.echo(f"  top-{TOP_K} {m[f'top{TOP_K}']:.4f}  (chance {m[f'chance/top{TOP_K}']:.4f})")
+    click.echo(f"  mean per-class top-1 {m['mean_per_class_top1']:.4f}")
+    click.echo(f"wrote {out / result.json_name} and {out / result.figure_name}")
+
+
+@eval_group.command("retrieval")
+@_eval_data_options
+@click.option("--pair", "pairs", multiple=True, metavar="A,B",
+              help="A pair type to evaluate, e.g. --pair audio,text (repeatable) [default: the pair types the "
+                   "model was trained on].")
+@click.option("--name", default=None, help="Name of the results [default: the layout].")
+def retrieval(model: str, data_path: str, layout: str, folds: str | None, splits: tuple[str, ...],
+              label_column: str | None, columns: tuple[str, ...], options: tuple[str, ...], out: Path | None,
+              cache_dir: str | None, device: str | None, no_progress: bool, pairs: tuple[str, ...],
+              name: str | None) -> None:
+    """Retrieval in both directions with MODEL over paired data (R@1/5/10, median rank, mAP, chance levels).
+
+    Records holding items of both modalities of a pair type are the pairs; where they have labels,
+    class-level retrieval follows. Writes retrieval-<name>.json.
+    """
+    from coembed.data import TooManyBadItems
+    from coembed.evaluation import model_recipe, retrieval_on_data
+    from coembed.recipe import RecipeError
+    from coembed.registry import AdapterError
+    from coembed.report import retrieval_tables
+
+    embedder, data, column_map, extraction = _eval_setup(model, data_path, layout, folds, splits, label_column,
+                                                         columns, options, cache_dir, device)
+    chosen = [tuple(p.split(",")) for p in pairs] or [tuple(p) for p in embedder.metadata.get("pairs", [])]
+    if not chosen or any(len(p) != 2 for p in chosen):
+        _fail("name the pair types with --pair A,B (the model does not record the ones it was trained on)")
+    try:
+        recipe = model_recipe(embedder, data, [m for p in chosen for m in p], columns=column_map,
+                              extraction=extraction, base_dir=Path.cwd())
+        metrics, counts = retrieval_on_data(embedder, recipe, chosen, progress=not no_progress)  # type: ignore[arg-type]
+    except (RecipeError, AdapterError, TooManyBadItems, ValueError) as exc:
+        _fail(str(exc))
+    if not metrics:
+        _fail(f"fewer than 2 pairs for every pair type: {counts['pairs']}")
+    run_dir = _run_folder(model)
+    out = out or run_dir or Path.cwd()
+    name = name or layout
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"retrieval-{name}.json"
+    path.write_text(json.dumps({"metrics": metrics, "counts": counts, "data": data.model_dump(mode="json")},
+                               indent=2))
+    if run_dir is not None and out == run_dir:
+        _refresh_run(run_dir, "retrieval_sets", name, metrics)
+    click.echo("\n".join(retrieval_tables(metrics)).rstrip())
+    click.echo(f"pairs: {counts['pairs']}")
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--classes", default=None, metavar="A,B,...",
+              help="Only these classes of the run's figure sample [default: all of them].")
+@click.option("--seed", type=int, default=None, help="UMAP random state [default: the recipe's seed].")
+@click.option("--neighbors", type=click.IntRange(min=2), default=None,
+              help="UMAP n_neighbors [default: the recipe's eval.umap_neighbors].")
+def plot(run: Path, classes: str | None, seed: int | None, neighbors: int | None) -> None:
+    """Draw the figures of a RUN folder: UMAP views (the paper's Figures 2-4) and the training curve."""
+    from coembed.model import ModelLoadError
+    from coembed.plots import draw_run_figures
+
+    try:
+        paths = draw_run_figures(run, seed, neighbors, [c.strip() for c in classes.split(",")] if classes else None)
+    except (FileNotFoundError, ModelLoadError, ValueError) as exc:
+        _fail(str(exc))
+    for p in paths:
+        click.echo(f"wrote {p}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report(run: Path) -> None:
+    """Write report.md for a RUN folder from its recipe, metrics, figures and zero-shot results."""
+    from coembed.report import write_report
+
+    if not (run / "metrics.json").is_file():
+        _fail(f"{run} has no metrics.json: not a finished run folder")
+    click.echo(f"wrote {write_report(run)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

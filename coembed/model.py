@@ -2,56 +2,101 @@
 
 A saved model is a folder::
 
-    config.json          format version, coembed version, anchor, and per modality:
-                         adapter key, adapter config, encoder fingerprint, input dim,
-                         head config
+    config.json          format version, coembed version, anchor, output dim, and per
+                         modality: adapter key, adapter config (model, weights tag and every
+                         other output-changing option), weights identity, encoder
+                         fingerprint, input dim, head config
     heads.safetensors    the heads' weights (``<modality>.<param>``)
-    README.md            a model card
+    README.md            the model card (written by :mod:`coembed.hub`)
+    recipe.yaml, metrics.json, umap*.png
+                         the training record, when the model was saved with one
 
-Loading is strict: no pickle, no code from the folder, every head weight
-present with its expected shape, and each head's input dimension and encoder
-fingerprint checked against the adapter that will feed it.
+Loading is strict and safe: only ``config.json`` (JSON, validated key by key)
+and ``heads.safetensors`` are read; nothing is unpickled and no code from the
+folder runs. Every head weight must be present with its expected shape and no
+other may be, and each head's input dimension and encoder fingerprint are
+checked against the adapter that will feed it when that adapter is created.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from coembed.heads import build_head
+from coembed.media import Waveform
 from coembed.recipe import HeadConfig
-from coembed.registry import Adapter, create_adapter
+from coembed.registry import Adapter, AdapterError, create_adapter, resolve_device
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "heads.safetensors"
 FORMAT_VERSION = 1
+#: Modalities :meth:`CoEmbedder.embed` names as keywords (and ``coembed encode`` as options); others go by ``**inputs``.
+NAMED_MODALITIES = ("image", "audio", "text")
+
+Item: TypeAlias = "str | os.PathLike[str] | bytes | Image | np.ndarray | torch.Tensor | tuple[np.ndarray | torch.Tensor, int]"
+"""One raw input: a path, bytes, a PIL image, an array (an image, or a waveform with its
+sample rate), an ``(array, sample_rate)`` pair, or a string (text)."""
+Items: TypeAlias = "Item | list[Item] | tuple[Item, ...]"
+"""One item, or a list of items (which may mix kinds)."""
 
 
 class ModelLoadError(ValueError):
-    """A saved model cannot be loaded safely; the message says why."""
+    """A model cannot be loaded: missing, malformed, written by a newer coembed, or its
+    heads do not fit the encoders that would feed them. The message says why."""
 
 
-@dataclass
-class ModalitySpec:
-    """How one modality reaches the shared space."""
+class ModalitySpec(BaseModel):
+    """How one modality reaches the shared space: one entry of ``config.json``."""
 
-    adapter: str                 # "audio/vggish"
-    adapter_config: dict[str, Any]
-    fingerprint: str
-    input_dim: int
-    head: dict[str, Any]         # a HeadConfig as a dict
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapter: str = Field(description="adapter key, e.g. 'audio/vggish'")
+    adapter_config: dict[str, Any] = Field(description="the adapter's options (runtime ones excluded)")
+    weights: str = Field(description="the encoder's weights identity at training time")
+    fingerprint: str = Field(description="the encoder fingerprint the head was trained on")
+    input_dim: int = Field(gt=0)
+    head: HeadConfig
 
     @property
-    def head_config(self) -> HeadConfig:
-        return HeadConfig(**self.head)
+    def kind(self) -> str:
+        """The adapter's modality kind: ``"audio"`` for ``"audio/vggish"``."""
+        return self.adapter.partition("/")[0]
+
+
+class ModelConfig(BaseModel):
+    """The content of ``config.json``; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int
+    coembed_version: str
+    anchor: str
+    output_dim: int = Field(gt=0)
+    modalities: dict[str, ModalitySpec]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.anchor not in self.modalities:
+            raise ValueError(f"anchor {self.anchor!r} is not one of the modalities {sorted(self.modalities)}")
+        if self.modalities[self.anchor].input_dim != self.output_dim:
+            raise ValueError(f"the anchor's input_dim ({self.modalities[self.anchor].input_dim}) must equal "
+                             f"output_dim ({self.output_dim})")
+        return self
 
 
 def _version() -> str:
@@ -60,10 +105,17 @@ def _version() -> str:
     return __version__
 
 
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: "
+                     f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}" for err in exc.errors())
+
+
 class CoEmbedder(nn.Module):
     """Embeds raw inputs of several modalities into one shared space.
 
-    Encoders load lazily, once, only for the modalities used.
+    Load a trained model with :meth:`from_pretrained`, embed with :meth:`embed`,
+    compare with :meth:`similarity`. Each modality's frozen encoder (its
+    adapter) is created lazily, once, the first time that modality is embedded.
     """
 
     def __init__(self, anchor: str, modalities: dict[str, ModalitySpec], output_dim: int,
@@ -73,16 +125,20 @@ class CoEmbedder(nn.Module):
         self.specs = dict(modalities)
         self.output_dim = output_dim
         self.metadata = dict(metadata or {})
-        self.heads = nn.ModuleDict({m: build_head(s.head_config, s.input_dim, output_dim)
-                                    for m, s in self.specs.items()})
+        self.heads = nn.ModuleDict({m: build_head(s.head, s.input_dim, output_dim) for m, s in self.specs.items()})
         self._adapters: dict[str, Adapter] = {}
-        self.device_override: str | None = None
+        self._device: str | None = None
+        #: Folder holding the training record (recipe.yaml, metrics.json, figures) used for the model card.
+        self.record_dir: Path | None = None
+        self.eval()
 
     # -- construction ------------------------------------------------------------
     @classmethod
     def from_adapters(cls, anchor: str, adapters: dict[str, Adapter], heads: dict[str, HeadConfig],
-                      metadata: dict[str, Any] | None = None) -> "CoEmbedder":
-        specs = {m: ModalitySpec(a.key(), a.config(), a.fingerprint, a.dim, heads[m].model_dump())
+                      metadata: dict[str, Any] | None = None) -> CoEmbedder:
+        """A model (with freshly initialised heads) around already created adapters."""
+        specs = {m: ModalitySpec(adapter=a.key(), adapter_config=a.config(), weights=a.weights_identity(),
+                                 fingerprint=a.fingerprint, input_dim=a.dim, head=heads[m])
                  for m, a in adapters.items()}
         model = cls(anchor, specs, adapters[anchor].dim, metadata)
         model._adapters.update(adapters)
@@ -90,101 +146,283 @@ class CoEmbedder(nn.Module):
 
     @property
     def modalities(self) -> list[str]:
+        """The modality names this model embeds (its ``embed`` keywords)."""
         return list(self.specs)
 
     def adapter(self, modality: str) -> Adapter:
-        """The frozen encoder of ``modality``, created on first use and checked against the head."""
+        """The frozen encoder of ``modality``, created on first use and checked against its head."""
         if modality not in self.specs:
-            raise KeyError(f"this model has no {modality!r} modality; it has: {', '.join(self.specs)}")
+            raise ValueError(f"this model has no {modality!r} modality; it has: {', '.join(self.specs)}")
         if modality not in self._adapters:
             spec = self.specs[modality]
             options = dict(spec.adapter_config)
-            if self.device_override:
-                options["device"] = self.device_override
-            adapter = create_adapter(spec.adapter, **options)
+            if self._device is not None:
+                options["device"] = self._device
+            try:
+                adapter = create_adapter(spec.adapter, **options)
+            except ValidationError as exc:
+                raise ModelLoadError(f"{modality}: adapter {spec.adapter} does not accept the options this model "
+                                     f"was trained with ({_validation_message(exc)})") from None
+            except AdapterError as exc:
+                raise AdapterError(f"{modality}: this model needs adapter {spec.adapter!r}: {exc}") from exc
             check_adapter_matches(modality, spec, adapter)
             self._adapters[modality] = adapter
         return self._adapters[modality]
 
     # -- embedding -----------------------------------------------------------------
-    def project(self, modality: str, encoder_vectors: torch.Tensor | np.ndarray, normalize: bool = True) -> torch.Tensor:
-        """Map encoder embeddings of ``modality`` into the shared space."""
+    def project(self, modality: str, encoder_vectors: torch.Tensor | np.ndarray,
+                normalize: bool = True) -> torch.Tensor:
+        """Map encoder embeddings of ``modality`` into the shared space (on the head's device)."""
         head = self.heads[modality]
         x = torch.as_tensor(encoder_vectors, dtype=torch.float32)
         device = next(iter(head.parameters()), x).device
-        with torch.inference_mode():
+        with torch.no_grad():
             out = head(x.to(device)).float()
         return F.normalize(out, dim=-1) if normalize else out
 
     def embed_items(self, modality: str, items: Sequence[Any], *, batch_size: int = 32,
                     normalize: bool = True) -> torch.Tensor:
-        """Raw items of one modality -> ``[n, output_dim]`` vectors in the shared space."""
+        """Raw items of one modality, as its adapter takes them -> ``[n, output_dim]`` CPU vectors."""
         adapter = self.adapter(modality)
-        return self.project(modality, adapter.encode_items(list(items), batch_size=batch_size), normalize)
+        return self.project(modality, adapter.encode_items(list(items), batch_size=batch_size), normalize).cpu()
+
+    @overload
+    def embed(self, *, image: Items | None = None, audio: Items | None = None, text: str | Sequence[str] | None = None,
+              sample_rate: int | None = None, batch_size: int = 32, normalize: bool = True,
+              as_numpy: Literal[False] = False, **inputs: Items) -> torch.Tensor: ...
+
+    @overload
+    def embed(self, *, image: Items | None = None, audio: Items | None = None, text: str | Sequence[str] | None = None,
+              sample_rate: int | None = None, batch_size: int = 32, normalize: bool = True,
+              as_numpy: Literal[True], **inputs: Items) -> np.ndarray: ...
+
+    def embed(self, *, image: Items | None = None, audio: Items | None = None, text: str | Sequence[str] | None = None,
+              sample_rate: int | None = None, batch_size: int = 32, normalize: bool = True, as_numpy: bool = False,
+              **inputs: Items) -> torch.Tensor | np.ndarray:
+        """Embed the inputs of one modality into the shared space.
+
+        Pass exactly one modality per call, by its name in this model
+        (``image=``, ``audio=``, ``text=``, or any other modality the model has,
+        e.g. ``caption=``)::
+
+            model.embed(audio=["dog.wav", (waveform, 44100), wav_bytes])
+            model.embed(image=pil_image)             # one item -> one row
+            model.embed(text=["a dog barking", "rain"])
+
+        Args:
+            image, audio, text, **inputs: one item or a list of items. A list is
+                always many items; anything else is one item (one row). Items may
+                be paths, bytes, PIL images, numpy/torch arrays, ``(array,
+                sample_rate)`` pairs or strings, whatever the modality's adapter
+                reads, and a list may mix them. An audio array is ``[samples]``
+                or ``[samples, channels]`` (``[channels, samples]`` is
+                recognised by its shorter first axis).
+            sample_rate: the sample rate of audio arrays given without one.
+            batch_size: items encoded at once.
+            normalize: L2-normalise the vectors (cosine geometry of the shared space).
+            as_numpy: return a float32 numpy array instead of a torch tensor.
+
+        Returns:
+            ``[n, output_dim]`` float32 vectors on the CPU, without gradients.
+
+        Raises:
+            ValueError: no or several modalities, an unknown one, or an audio
+                array without a sample rate.
+            coembed.BadItem: an item cannot be read; the message gives its index.
+        """
+        given = {m: v for m, v in {"image": image, "audio": audio, "text": text, **inputs}.items() if v is not None}
+        if len(given) != 1:
+            names = ", ".join(f"{m}=" for m in self.specs)
+            got = ", ".join(given) or "none"
+            raise ValueError(f"embed() takes the inputs of exactly one modality per call ({names}); got: {got}")
+        ((modality, raw),) = given.items()
+        if modality not in self.specs:
+            raise ValueError(f"this model has no {modality!r} modality; it has: {', '.join(self.specs)}")
+        items = _item_list(raw)
+        if self.specs[modality].kind == "audio":
+            items = [_audio_item(x, sample_rate, i) for i, x in enumerate(items)]
+        elif sample_rate is not None:
+            raise ValueError(f"sample_rate applies to audio; {modality!r} is {self.specs[modality].kind}")
+        vectors = self.embed_items(modality, items, batch_size=batch_size, normalize=normalize)
+        return vectors.numpy() if as_numpy else vectors
+
+    @staticmethod
+    def similarity(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Cosine similarity of every row of ``a`` with every row of ``b``: ``[len(a), len(b)]``.
+
+        Numpy in both gives numpy out; otherwise a torch tensor on ``a``'s device.
+        """
+        ta, tb = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+        ta, tb = ta.reshape(1, -1) if ta.ndim == 1 else ta, tb.reshape(1, -1) if tb.ndim == 1 else tb
+        sims = F.normalize(ta, dim=-1) @ F.normalize(tb.to(ta.device), dim=-1).T
+        return sims.numpy() if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else sims
 
     # -- save / load -----------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "coembed_version": _version(),
-            "anchor": self.anchor,
-            "output_dim": self.output_dim,
-            "modalities": {m: asdict(s) for m, s in self.specs.items()},
-            "metadata": self.metadata,
-        }
+        """The content of ``config.json`` (JSON-serialisable)."""
+        return ModelConfig(format_version=FORMAT_VERSION, coembed_version=_version(), anchor=self.anchor,
+                           output_dim=self.output_dim, modalities=self.specs,
+                           metadata=self.metadata).model_dump(mode="json")
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike[str], *, run_dir: str | os.PathLike[str] | None = None,
+                        repo_id: str | None = None) -> Path:
+        """Write the model folder: ``config.json``, ``heads.safetensors`` and a model card.
+
+        Args:
+            directory: the folder (created if needed).
+            run_dir: a folder with the training record (a run folder, or a model
+                folder saved with one): its ``recipe.yaml``, ``metrics.json`` and
+                ``umap*.png`` are copied and go into the card. Default: the folder
+                this model was loaded from, if any.
+            repo_id: the Hub repo the card's usage example loads from.
+        """
         from safetensors.torch import save_file
+
+        from coembed import hub
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2))
+        record = Path(run_dir) if run_dir is not None else self.record_dir
+        if record is not None:
+            hub.copy_record(record, directory)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2) + "\n", encoding="utf-8")
         state = {f"{m}.{k}": v.detach().cpu().contiguous() for m, head in self.heads.items()
                  for k, v in head.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        hub.write_model_card(directory, self.config(), repo_id=repo_id)
         return directory
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | None = None) -> "CoEmbedder":
-        directory = Path(path)
-        config = read_config(directory / CONFIG_NAME)
-        specs = {m: ModalitySpec(**s) for m, s in config["modalities"].items()}
-        model = cls(config["anchor"], specs, int(config["output_dim"]), config.get("metadata"))
-        from safetensors.torch import load_file
+    def from_pretrained(cls, model_id: str | os.PathLike[str], device: str | None = None, *,
+                        revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                        token: str | bool | None = None, local_files_only: bool = False) -> CoEmbedder:
+        """Load a model from a model folder, a run folder (its ``model/``) or a Hub repo id.
 
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise ModelLoadError(f"{weights} is missing")
-        state = load_file(str(weights))
-        for m, head in model.heads.items():
-            sub = {k[len(m) + 1:]: v for k, v in state.items() if k.startswith(f"{m}.")}
-            try:
-                head.load_state_dict(sub, strict=True)
-            except RuntimeError as exc:
-                raise ModelLoadError(f"head weights of {m!r} do not match its config: {exc}") from None
-        unknown = [k for k in state if k.split(".", 1)[0] not in model.heads]
-        if unknown:
-            raise ModelLoadError(f"{weights} holds weights of no declared modality: {unknown[:5]}")
-        model.device_override = device
-        model.eval()
+        A Hub repo is downloaded (only its config, heads, card, record and
+        figures) into the Hugging Face cache, then loaded exactly like a local
+        folder. ``HF_HUB_OFFLINE=1`` uses the cache only.
+
+        Args:
+            model_id: a local folder, or a Hub repo id such as ``"user/vggish-to-clip"``.
+            device: where heads and encoders run (``"cpu"``, ``"cuda"``, ...);
+                default: CUDA when available.
+            revision, cache_dir, token, local_files_only: passed to the Hub
+                download; unused for local folders.
+
+        Raises:
+            ModelLoadError: missing or malformed files, a newer format, or head
+                weights that do not match the config.
+        """
+        from coembed import hub
+
+        model_dir, record_dir = hub.locate_model(model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                                 local_files_only=local_files_only)
+        model = cls._from_folder(model_dir, device)
+        model.record_dir = record_dir
         return model
 
+    @classmethod
+    def _from_folder(cls, directory: Path, device: str | None) -> CoEmbedder:
+        config = read_config(directory / CONFIG_NAME)
+        try:
+            model = cls(config.anchor, config.modalities, config.output_dim, config.metadata)
+        except ValueError as exc:  # a head config that cannot map input_dim to output_dim
+            raise ModelLoadError(f"{directory / CONFIG_NAME}: {exc}") from None
+        model._load_heads(directory / WEIGHTS_NAME)
+        model._device = device
+        model.heads.to(resolve_device(device or "auto"))
+        return model
 
-def read_config(path: Path) -> dict[str, Any]:
+    def _load_heads(self, path: Path) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from None
+        expected = {f"{m}.{k}": v for m, head in self.heads.items() for k, v in head.state_dict().items()}
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ModelLoadError(f"{path} does not match {CONFIG_NAME}: missing weights {missing or 'none'}, "
+                                 f"unexpected weights {unexpected or 'none'}")
+        for key, value in expected.items():
+            if state[key].shape != value.shape:
+                raise ModelLoadError(f"{path}: weight {key} has shape {tuple(state[key].shape)}, "
+                                     f"{CONFIG_NAME} implies {tuple(value.shape)}")
+            if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+                raise ModelLoadError(f"{path}: weight {key} holds NaN or infinite values")
+        for m, head in self.heads.items():
+            head.load_state_dict({k: state[f"{m}.{k}"] for k in head.state_dict()}, strict=True)
+
+    def push_to_hub(self, repo_id: str, *, run_dir: str | os.PathLike[str] | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str | None = None) -> str:
+        """Upload this model to the Hub repo ``repo_id`` (created if needed); returns the repo URL.
+
+        The folder :meth:`save_pretrained` writes (config, heads, model card and,
+        with ``run_dir`` or when loaded from a folder with one, the training
+        record and figures) is built in a temporary folder and uploaded in one commit.
+        """
+        from coembed import hub
+
+        with tempfile.TemporaryDirectory(prefix="coembed-push-") as tmp:
+            self.save_pretrained(tmp, run_dir=run_dir, repo_id=repo_id)
+            return hub.upload_folder(Path(tmp), repo_id, private=private, token=token,
+                                     commit_message=commit_message)
+
+
+def _item_list(raw: Any) -> list[Any]:
+    """A list (or a tuple that is not an ``(array, rate)`` pair) is many items; anything else is one."""
+    if isinstance(raw, list):
+        return raw
+    if isinstance(raw, tuple) and not _is_rated_array(raw):
+        return list(raw)
+    return [raw]
+
+
+def _is_rated_array(item: Any) -> bool:
+    return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (np.ndarray, torch.Tensor))
+            and isinstance(item[1], (int, np.integer)) and not isinstance(item[1], bool))
+
+
+def _audio_item(item: Any, sample_rate: int | None, index: int) -> Any:
+    """Arrays (bare or with their rate) become :class:`~coembed.media.Waveform`; other items pass through."""
+    if _is_rated_array(item):
+        array, rate = item
+    elif isinstance(item, (np.ndarray, torch.Tensor)):
+        if sample_rate is None:
+            raise ValueError(f"audio item {index} is an array without a sample rate: "
+                             "pass sample_rate=... or an (array, sample_rate) pair")
+        array, rate = item, sample_rate
+    else:
+        return item
+    samples = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if samples.ndim == 2 and samples.shape[0] < samples.shape[1]:
+        samples = samples.T  # [channels, samples] (torchaudio, librosa) -> [samples, channels]
+    return Waveform(samples, int(rate))
+
+
+def read_config(path: Path) -> ModelConfig:
+    """Read and validate ``config.json``; refuses a newer format and any malformed or unknown key."""
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing: not a coembed model folder")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    version = config.get("format_version")
-    if not isinstance(version, int):
-        raise ModelLoadError(f"{path} has no format_version: not a coembed model config")
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelLoadError(f"{path} has no integer format_version: not a coembed model config")
     if version > FORMAT_VERSION:
         raise ModelLoadError(
-            f"{path} was written by coembed {config.get('coembed_version', '?')} in model format {version}; "
+            f"{path} was written by coembed {data.get('coembed_version', '?')} in model format {version}; "
             f"this coembed ({_version()}) reads format {FORMAT_VERSION} or older: upgrade coembed")
-    return config
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ModelLoadError(f"{path} is malformed: {_validation_message(exc)}") from None
 
 
 def check_adapter_matches(modality: str, spec: ModalitySpec, adapter: Adapter) -> None:
@@ -195,5 +433,6 @@ def check_adapter_matches(modality: str, spec: ModalitySpec, adapter: Adapter) -
             f"gives {adapter.dim}-dim vectors")
     if adapter.fingerprint != spec.fingerprint:
         raise ModelLoadError(
-            f"{modality}: the head was trained on encoder {spec.fingerprint} but adapter {adapter.key()} "
-            f"with {adapter.config()} is {adapter.fingerprint}")
+            f"{modality}: the head was trained on encoder {spec.fingerprint} (weights: {spec.weights}) but "
+            f"adapter {adapter.key()} with {adapter.config()} is encoder {adapter.fingerprint} "
+            f"(weights: {adapter.weights_identity()})")

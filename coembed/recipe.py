@@ -10,10 +10,12 @@ the key and what is allowed. ``--set a.b.c=value`` overrides any value.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from coembed.media import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SILENCE_DB
 
 
 class RecipeError(ValueError):
@@ -67,6 +69,16 @@ class DataConfig(BaseModel):
     split: SplitConfig = Field(default_factory=SplitConfig)
     max_bad_fraction: float = Field(default=0.5, ge=0.0, le=1.0,
                                     description="fail the run when more than this share of items is bad")
+    silent_audio: Literal["keep", "drop"] = Field(
+        default="keep", description="silent audio is always flagged in bad_items.jsonl; keep it or skip it")
+    silence_db: float = Field(default=DEFAULT_SILENCE_DB, lt=0.0,
+                              description="audio below this RMS level (dBFS) is silent")
+    max_image_pixels: int | None = Field(default=DEFAULT_MAX_IMAGE_PIXELS, gt=0,
+                                         description="images above this many pixels are skipped (null: no limit)")
+
+    #: keys of this section that belong to coembed, not to the source
+    COMMON_KEYS: ClassVar[tuple[str, ...]] = ("split", "max_bad_fraction", "silent_audio", "silence_db",
+                                              "max_image_pixels")
 
     @property
     def source_options(self) -> dict[str, Any]:
@@ -98,10 +110,31 @@ class TrainConfig(_Strict):
     patience: int | None = Field(default=None, gt=0, description="stop after this many epochs without improvement")
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ZeroShotConfig(_Strict):
+    """One zero-shot classification set: labelled items of one modality against class-name prompts."""
 
-    plots: bool = True
+    name: str | None = Field(default=None, description="name of the results (default: the data source's name)")
+    modality: str = Field(default="audio", description="the modality whose items are classified")
+    text_modality: str | None = Field(
+        default=None, description="the text side (default: the modality 'text', else the only one taking text)")
+    templates: str | list[str] | None = Field(
+        default=None, description="prompt templates with '{}' for the class name, or a built-in set's name "
+                                  "(default: the set for the modality)")
+    column: str | None = Field(default=None, description="data column holding the items (default: the modality)")
+    data: DataConfig = Field(description="where the labelled items come from: a data source and its options")
+
+
+class EvalConfig(_Strict):
+    """What ``coembed train`` evaluates and draws after training (see docs/evaluation.md)."""
+
+    plots: bool = Field(default=True, description="draw the UMAP figures and the training curve")
+    report: bool = Field(default=True, description="write report.md into the run folder")
+    figure_classes: Annotated[int, Field(gt=0)] | list[str] = Field(
+        default=10, description="classes in the UMAP figures: how many of the most frequent, or their names")
+    figure_items_per_class: int = Field(default=30, gt=0, description="validation items per class in the figures")
+    figure_pairs: int = Field(default=20, gt=0, description="random training pairs in the pairs figure")
+    umap_neighbors: int = Field(default=15, ge=2, description="UMAP n_neighbors (smaller for small sets)")
+    zero_shot: list[ZeroShotConfig] = Field(default_factory=list, description="zero-shot classification sets")
 
 
 class Recipe(_Strict):
@@ -116,7 +149,7 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    #: folder of the recipe file; relative paths in the recipe resolve against it
+    #: folder relative paths in the recipe resolve against (the working directory at load time)
     base_dir: str = Field(default=".", exclude=True)
 
     @field_validator("modalities")
@@ -222,11 +255,18 @@ def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".", check_ada
     from coembed.data import validate_source_options
 
     validate_source_options(recipe)
+    from coembed.zeroshot import validate_zero_shot
+
+    validate_zero_shot(recipe)
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_adapters: bool = True) -> Recipe:
-    """Read, override and validate a recipe file."""
+    """Read, override and validate a recipe file.
+
+    Relative paths inside the recipe (data, output_dir, cache_dir) resolve
+    against the current working directory, as paths given to a command do.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -237,4 +277,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_adap
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     apply_overrides(data, list(overrides or []))
-    return recipe_from_dict(data, base_dir=path.parent.resolve(), check_adapters=check_adapters)
+    return recipe_from_dict(data, base_dir=Path.cwd(), check_adapters=check_adapters)

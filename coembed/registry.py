@@ -179,10 +179,18 @@ class Adapter(ABC):
         return out.detach().float().cpu()
 
     def encode_items(self, items: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
-        """Convenience: ``load`` + ``collate`` + ``encode`` over raw items, in batches."""
+        """Convenience: ``load`` + ``collate`` + ``encode`` over raw items, in batches.
+
+        An unusable item raises :class:`BadItem` whose message starts with its index.
+        """
         outs = []
         for start in range(0, len(items), batch_size):
-            chunk = [self.load(x) for x in items[start : start + batch_size]]
+            chunk = []
+            for index in range(start, min(start + batch_size, len(items))):
+                try:
+                    chunk.append(self.load(items[index]))
+                except BadItem as exc:
+                    raise type(exc)(f"item {index}: {exc}") from exc
             outs.append(self.encode(self.collate(chunk)))
         if not outs:
             return torch.empty(0, self.dim)

@@ -7,10 +7,15 @@ A run folder holds::
 
     recipe.yaml        the recipe as run (overrides applied)
     train.log          the log
-    bad_items.jsonl    one line per skipped item: id, modality, reason
+    bad_items.jsonl    one line per skipped item: id, modality, reason; kept but suspect
+                       items (silent audio) too, with "flagged": true
     history.jsonl      one line per epoch: loss, temperature, validation metrics
-    metrics.json       best validation metrics, counts, timings
+    metrics.json       best validation metrics, final retrieval (with class level) and
+                       zero-shot metrics, counts, timings
     model/             the trained CoEmbedder (config.json + heads.safetensors)
+    report.md          the run on one page (coembed.report), with its figures:
+                       training-curve.png, umap-*.png, zeroshot-<name>.json + -confusion.png
+    embeddings/        figure_sample.safetensors: what ``coembed plot`` redraws from
 """
 
 from __future__ import annotations
@@ -27,16 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from coembed.data import Dataset, check_bad_fraction, load_dataset, reason_kind
-from coembed.extraction import ExtractionStats, extract
+from coembed.data import Dataset, Record, check_bad_fraction, load_dataset, reason_kind
+from coembed.evaluation import duplicate_groups
+from coembed.extraction import ExtractionStats, ItemChecks, extract
 from coembed.heads import build_head
 from coembed.model import CoEmbedder
 from coembed.recipe import Recipe
 from coembed.registry import Adapter, create_adapter, resolve_key
-from coembed.store import DEFAULT_CACHE_DIR, Lookup
-from coembed.training import PairSet, Trainer
+from coembed.report import publish_run
+from coembed.store import DEFAULT_CACHE_DIR, Lookup, content_identity
+from coembed.training import PairSet, Trainer, evaluate_pairs
+from coembed.zeroshot import run_recipe_zero_shot
 
 log = logging.getLogger("coembed")
+epoch_log = logging.getLogger("coembed.epochs")  # DEBUG: in train.log; on the console only with --verbose
 
 
 @dataclass
@@ -64,7 +73,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("coembed").addHandler(handler)
-    logging.getLogger("coembed").setLevel(logging.INFO)
+    logging.getLogger("coembed").setLevel(logging.DEBUG)
     return handler
 
 
@@ -89,7 +98,8 @@ class Embedded:
 def extract_all(recipe: Recipe, adapters: dict[str, Adapter], dataset: Dataset,
                 progress: bool = True) -> dict[str, Embedded]:
     ex = recipe.extraction
-    root = Path(ex.cache_dir).expanduser() if ex.cache_dir else DEFAULT_CACHE_DIR
+    root = recipe.resolve_path(ex.cache_dir) if ex.cache_dir else DEFAULT_CACHE_DIR
+    checks = ItemChecks(recipe.data.max_image_pixels, recipe.data.silence_db, recipe.data.silent_audio == "drop")
     out: dict[str, Embedded] = {}
     for m in trained_modalities(recipe):
         records = [r for r in dataset.records if m in r.items]
@@ -97,7 +107,7 @@ def extract_all(recipe: Recipe, adapters: dict[str, Adapter], dataset: Dataset,
                  root / adapters[m].fingerprint)
         lookup, stats = extract(adapters[m], [r.id for r in records], [r.items[m] for r in records], root,
                                 batch_size=ex.batch_size, num_workers=ex.num_workers,
-                                shard_size=ex.shard_size, progress=progress)
+                                shard_size=ex.shard_size, progress=progress, checks=checks)
         log.info("%s: %d items, %d from the store, %d encoded in %.1fs (%.1f items/s), %d bad",
                  m, stats.items, stats.cached, stats.encoded, stats.seconds, stats.items_per_second, stats.bad)
         out[m] = Embedded({r.id: i for i, r in enumerate(records)}, lookup, stats)
@@ -107,16 +117,23 @@ def extract_all(recipe: Recipe, adapters: dict[str, Adapter], dataset: Dataset,
 def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Embedded]) -> list[PairSet]:
     pairs = []
     for a, b in recipe.pairs:
-        tensors = []
+        tensors: list[torch.Tensor] = []
+        paired: list[Record] = []
         for split in (dataset.train, dataset.validation):
-            rows_a, rows_b = [], []
+            rows_a, rows_b, paired = [], [], []
             for r in split:
                 ia, ib = embedded[a].row_of.get(r.id), embedded[b].row_of.get(r.id)
                 if ia is not None and ib is not None and embedded[a].lookup.ok[ia] and embedded[b].lookup.ok[ib]:
-                    rows_a.append(ia), rows_b.append(ib)
+                    rows_a.append(ia)
+                    rows_b.append(ib)
+                    paired.append(r)
             tensors += [torch.from_numpy(embedded[a].lookup.vectors[rows_a]),
                         torch.from_numpy(embedded[b].lookup.vectors[rows_b])]
-        pair = PairSet(a, b, tensors[0], tensors[1], tensors[2], tensors[3])
+        # ``paired`` now holds the validation records, in row order: their labels and duplicate items
+        groups = duplicate_groups([content_identity(r.items[a]) for r in paired],
+                                  [content_identity(r.items[b]) for r in paired])
+        pair = PairSet(a, b, tensors[0], tensors[1], tensors[2], tensors[3],
+                       val_labels=[r.label for r in paired], val_groups=groups)
         log.info("pair type %s: %d train pairs, %d validation pairs", pair.name, len(pair.train_a), len(pair.val_a))
         if len(pair.train_a) < 2:
             raise RuntimeError(f"pair type {pair.name} has {len(pair.train_a)} usable training pairs; "
@@ -132,6 +149,43 @@ def bad_item_rows(dataset: Dataset, embedded: dict[str, Embedded]) -> list[dict[
         rows += [{"id": ids[i], "modality": m, "reason": reason} for i, reason in sorted(e.lookup.errors.items())]
         rows += [{"id": ids[i], "modality": m, "reason": "missing from the store"} for i in e.lookup.missing]
     return rows
+
+
+def flagged_item_rows(embedded: dict[str, Embedded]) -> list[dict[str, Any]]:
+    """Items kept although suspect (silent audio with ``data.silent_audio: keep``)."""
+    rows = []
+    for m, e in embedded.items():
+        ids = list(e.row_of)
+        rows += [{"id": ids[i], "modality": m, "reason": reason, "flagged": True}
+                 for i, reason in sorted(e.lookup.flags.items())]
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    # backslashreplace: a stray surrogate (an undecodable file name) is written as a valid JSON escape
+    with path.open("w", encoding="utf-8", errors="backslashreplace") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """The end-of-run block: what was read, pairs made, bad items by reason, time per stage."""
+    counts = metrics["counts"]
+    read = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts["read"].items())
+    lines = ["summary", f"  read        {read}"]
+    for m, stats in metrics["extraction"].items():
+        lines.append(f"  {m:<11} {stats['items']} items: {stats['cached']} from the store, {stats['encoded']} "
+                     f"encoded ({stats['encoded'] / stats['seconds'] if stats['seconds'] else 0:.1f}/s), "
+                     f"{stats['bad']} bad, {stats['flagged']} flagged")
+    lines.append("  pairs       " + ", ".join(f"{name}: {p['train']} train + {p['validation']} validation"
+                                           for name, p in counts["pairs"].items()))
+    lines.append(f"  bad items   {counts['bad_items']}" + "".join(
+        f"\n    {n:>6}  {reason}" for reason, n in sorted(counts["bad_by_reason"].items(), key=lambda kv: -kv[1])))
+    if counts["flagged_items"]:
+        lines.append(f"  flagged     {counts['flagged_items']} (kept)" + "".join(
+            f"\n    {n:>6}  {reason}" for reason, n in sorted(counts["flagged_by_reason"].items())))
+    lines.append("  seconds     " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in metrics["seconds"].items()))
+    return "\n".join(lines)
 
 
 def train_recipe(recipe: Recipe, run_dir: str | Path | None = None, progress: bool = True) -> RunResult:
@@ -154,19 +208,27 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
 
     t = time.perf_counter()
     adapters = build_adapters(recipe)
-    dataset = load_dataset(recipe)
+    for m in trained_modalities(recipe):
+        adapters[m].model  # load weights first: a missing download stops the run before any work
+    times["load_encoders"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dataset = load_dataset(recipe, progress=progress)
     times["read"] = time.perf_counter() - t
     log.info("data: %d records (%d train, %d validation), %d bad", len(dataset.records), len(dataset.train),
              len(dataset.validation), len(dataset.bad))
+    # fail before days of extraction when the source alone is already too bad (a lower bound of the final share)
+    _write_jsonl(run_dir / "bad_items.jsonl", bad_item_rows(dataset, {}))
+    check_bad_fraction(len(dataset.bad), len(dataset.bad) + len(dataset.records) * len(trained_modalities(recipe)),
+                       recipe.data.max_bad_fraction)
 
     t = time.perf_counter()
     embedded = extract_all(recipe, adapters, dataset, progress)
     times["extract"] = time.perf_counter() - t
 
     bad_rows = bad_item_rows(dataset, embedded)
-    with (run_dir / "bad_items.jsonl").open("w", encoding="utf-8") as fh:
-        for row in bad_rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    flagged_rows = flagged_item_rows(embedded)
+    _write_jsonl(run_dir / "bad_items.jsonl", bad_rows + flagged_rows)
     n_items = len(dataset.bad) + sum(e.stats.items for e in embedded.values())
     check_bad_fraction(len(bad_rows), n_items, recipe.data.max_bad_fraction)
 
@@ -181,38 +243,52 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
         def on_epoch(row: dict[str, float]) -> None:
             hist.write(json.dumps(row) + "\n")
             hist.flush()
-            log.info("epoch %d loss %.4f %s %.4f", row["epoch"], row["loss"], recipe.train.select_metric,
+            epoch_log.debug("epoch %d loss %.4f %s %.4f", row["epoch"], row["loss"], recipe.train.select_metric,
                      row.get(recipe.train.select_metric, float("nan")))
 
         result = Trainer(heads, pairs, recipe.train, seed=recipe.seed).fit(on_epoch, progress=progress)
     times["train"] = time.perf_counter() - t
 
     model = CoEmbedder.from_adapters(recipe.anchor, adapters, {m: c.head for m, c in recipe.modalities.items()},
-                                     metadata={"recipe": recipe.name, "temperature": result.temperature})
+                                     metadata={"recipe": recipe.name, "temperature": result.temperature,
+                                               "pairs": [list(p) for p in recipe.pairs]})
     model.heads.load_state_dict(heads.state_dict())
     model.save_pretrained(run_dir / "model")
+
+    t = time.perf_counter()
+    device = next(heads.parameters()).device
+    retrieval = evaluate_pairs(heads, [p.to(device) for p in pairs], class_level=True)
+    zero_shot = run_recipe_zero_shot(recipe, model, run_dir, progress)
+    times["evaluate"] = time.perf_counter() - t
 
     metrics: dict[str, Any] = {
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "select_metric": recipe.train.select_metric,
         "validation": result.best_metrics,
+        "retrieval": retrieval,
+        "zero_shot": zero_shot,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "temperature": result.temperature,
         "counts": {
+            "read": dataset.counts,
             "records": len(dataset.records),
             "train_records": len(dataset.train),
             "validation_records": len(dataset.validation),
             "bad_items": len(bad_rows),
             "bad_by_reason": dict(Counter(reason_kind(r["reason"]) for r in bad_rows)),
+            "flagged_items": len(flagged_rows),
+            "flagged_by_reason": dict(Counter(reason_kind(r["reason"]) for r in flagged_rows)),
             "pairs": {p.name: {"train": len(p.train_a), "validation": len(p.val_a)} for p in pairs},
         },
         "extraction": {m: asdict(e.stats) for m, e in embedded.items()},
         "seconds": {**times, "total": sum(times.values())},
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    publish_run(recipe, run_dir, dataset, embedded, pairs)
+    log.info("%s", format_summary(metrics))
     log.info("best epoch %d: %s", result.best_epoch,
-             ", ".join(f"{k}={v:.4f}" for k, v in result.best_metrics.items() if k.endswith("R@1") or k == "mean_r1"))
+             ", ".join(f"{k}={v:.4f}" for k, v in result.best_metrics.items() if (k.endswith("R@1") and "/chance/" not in k) or k == "mean_r1"))
     log.info("wrote %s", run_dir)
     return RunResult(run_dir, model, metrics, result.history)
 

@@ -36,14 +36,18 @@ class PairSet:
     train_b: torch.Tensor
     val_a: torch.Tensor
     val_b: torch.Tensor
+    #: class label of each validation pair (``None`` when unknown), for class-level retrieval
+    val_labels: list[str | None] | None = None
+    #: duplicate group of each validation pair (``evaluation.duplicate_groups``; default: identical vectors)
+    val_groups: torch.Tensor | None = None
 
     @property
     def name(self) -> str:
         return f"{self.a}-{self.b}"
 
     def to(self, device: torch.device) -> "PairSet":
-        return PairSet(self.a, self.b, *(t.to(device) for t in
-                                         (self.train_a, self.train_b, self.val_a, self.val_b)))
+        return PairSet(self.a, self.b, self.train_a.to(device), self.train_b.to(device), self.val_a.to(device),
+                       self.val_b.to(device), self.val_labels, self.val_groups)
 
 
 @dataclass
@@ -56,8 +60,12 @@ class TrainResult:
     state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
-def evaluate_pairs(heads: nn.ModuleDict, pairs: list[PairSet], chunk_size: int = 1024) -> dict[str, float]:
-    """Validation retrieval metrics of every pair type, plus ``mean_r1``."""
+def evaluate_pairs(heads: nn.ModuleDict, pairs: list[PairSet], chunk_size: int = 1024,
+                   class_level: bool = False) -> dict[str, float]:
+    """Validation retrieval metrics of every pair type, plus ``mean_r1``.
+
+    ``class_level`` adds class-level retrieval for pair sets with ``val_labels``.
+    """
     metrics: dict[str, float] = {}
     was_training = heads.training
     heads.eval()
@@ -65,7 +73,9 @@ def evaluate_pairs(heads: nn.ModuleDict, pairs: list[PairSet], chunk_size: int =
         for p in pairs:
             if p.val_a.shape[0] < 2:
                 continue
-            metrics.update(paired_retrieval(heads[p.a](p.val_a), heads[p.b](p.val_b), p.a, p.b, chunk_size))
+            labels = p.val_labels if class_level else None
+            metrics.update(paired_retrieval(heads[p.a](p.val_a), heads[p.b](p.val_b), p.a, p.b, chunk_size,
+                                            labels=labels, groups=p.val_groups))
     heads.train(was_training)
     metrics["mean_r1"] = mean_recall_at_1(metrics)
     return metrics

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from coembed.data import (BadRecord, ManifestOptions, Record, check_bad_fraction, generate_media,
+                          read_manifest_rows, records_from_rows, split_by_group)
+
+KINDS = {"image": "file", "audio": "file", "text": "text"}
+COLUMNS = {"image": "image", "audio": "audio", "text": "text"}
+
+
+def _records(rows, root):
+    return list(records_from_rows(rows, ManifestOptions(path="m.csv"), COLUMNS, KINDS, root))
+
+
+def test_manifest_csv_and_jsonl_give_the_same_records(tmp_path):
+    (tmp_path / "m.csv").write_text("id,group,label,image,audio,text\n"
+                                    "a,v1,dog,a.png,a.wav,a dog\n"
+                                    "b,v1,cat,/abs/b.png,,a cat\n")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"id": "a", "group": "v1", "label": "dog", "image": "a.png", "audio": "a.wav", "text": "a dog"})
+        + "\n\n" + json.dumps({"id": "b", "group": "v1", "label": "cat", "image": "/abs/b.png", "text": "a cat"}) + "\n")
+    csv_records = _records(read_manifest_rows(tmp_path / "m.csv"), tmp_path)
+    jsonl_records = _records(read_manifest_rows(tmp_path / "m.jsonl"), tmp_path)
+    assert csv_records == jsonl_records
+    a, b = csv_records
+    assert a.items == {"image": str(tmp_path / "a.png"), "audio": str(tmp_path / "a.wav"), "text": "a dog"}
+    assert b.items == {"image": "/abs/b.png", "text": "a cat"}  # no audio: joins no audio pair
+    assert (a.group, a.label) == ("v1", "dog")
+
+
+def test_manifest_bad_rows_are_reported_not_fatal(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "x"}\n{not json\n[1, 2]\n{"id": "a", "text": "y"}\n'
+                                      '{"text": "no id"}\n')
+    out = _records(read_manifest_rows(tmp_path / "m.jsonl"), tmp_path)
+    good = [r for r in out if isinstance(r, Record)]
+    bad = [r for r in out if isinstance(r, BadRecord)]
+    assert [r.id for r in good] == ["a"] and good[0].group == "a"  # no group column: own group
+    assert [b.reason.split(":")[-1].strip() for b in bad][:1] == ["invalid JSON (Expecting property name enclosed in double quotes)"]
+    assert {b.reason for b in bad[1:]} == {"line 3: not an object", "duplicate id", "no value in id column 'id'"}
+
+
+def test_split_is_by_group_deterministic_and_sized():
+    records = [Record(f"r{i}", f"video{i // 3}", {}) for i in range(300)]  # 100 groups of 3
+    train, val = split_by_group(records, 0.33, seed=7)
+    assert len({r.group for r in val}) == 33 and len(train) + len(val) == 300
+    assert not ({r.group for r in train} & {r.group for r in val})
+    again = split_by_group(records, 0.33, seed=7)
+    assert [r.id for r in again[1]] == [r.id for r in val]
+    other = split_by_group(records, 0.33, seed=8)
+    assert [r.id for r in other[1]] != [r.id for r in val]
+    # adding data does not move existing groups across the split
+    more = records + [Record("new", "video-new", {})]
+    _, val_more = split_by_group(more, 0.33, seed=7)
+    assert len({r.group for r in val_more} & {r.group for r in val}) >= 32
+
+
+def test_split_keeps_both_sides_non_empty():
+    records = [Record(str(i), str(i), {}) for i in range(2)]
+    train, val = split_by_group(records, 0.01, seed=0)
+    assert len(train) == 1 and len(val) == 1
+    train, val = split_by_group(records, 0.0, seed=0)
+    assert len(train) == 2 and not val
+
+
+def test_generated_media_are_real_files(tmp_path):
+    import soundfile as sf
+    from PIL import Image
+
+    manifest = generate_media(tmp_path, classes=2, items_per_class=3, image_size=32, audio_seconds=1.0)
+    rows = list(read_manifest_rows(manifest))
+    assert len(rows) == 6 and {r["label"] for r in rows} == {"red", "green"}
+    with Image.open(tmp_path / rows[0]["image"]) as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+    samples, rate = sf.read(tmp_path / rows[0]["audio"])
+    assert rate == 16000 and len(samples) == 16000 and abs(samples).max() > 0.05
+    again = generate_media(tmp_path / "again", classes=2, items_per_class=3, image_size=32, audio_seconds=1.0)
+    assert (tmp_path / "again" / rows[0]["audio"]).read_bytes() == (tmp_path / rows[0]["audio"]).read_bytes()
+    assert again.name == "manifest.csv"
+
+
+def test_bad_fraction_threshold():
+    check_bad_fraction(5, 10, 0.5)
+    with pytest.raises(RuntimeError, match="6 of 10 items are bad"):
+        check_bad_fraction(6, 10, 0.5)
+    check_bad_fraction(0, 0, 0.0)
