@@ -76,9 +76,9 @@ def train(recipe: Path, overrides: tuple[str, ...], run_dir: Path | None, no_pro
         result = train_recipe(parsed, run_dir=run_dir, progress=not no_progress)
     except (RecipeError, AdapterError, TooManyBadItems) as exc:
         _fail(str(exc))
-    val = result.metrics["validation"]
-    click.echo(f"best epoch {result.metrics['best_epoch']}: "
-               + ", ".join(f"{k} {v:.3f}" for k, v in val.items() if (k.endswith("R@1") and "/chance/" not in k) or k == "mean_r1"))
+    from coembed.evaluation import headline
+
+    click.echo(f"best epoch {result.metrics['best_epoch']}: {headline(result.metrics['validation'])}")
     click.echo(f"run folder: {result.run_dir}")
 
 

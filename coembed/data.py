@@ -248,6 +248,33 @@ GENERATED_CLASSES = [
 ]
 
 
+def _draw_shape(draw: Any, shape: str, cx: float, cy: float, r: float, colour: tuple[int, int, int]) -> None:
+    """Draw one of the generated classes' shapes centred on ``(cx, cy)`` with radius ``r``."""
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    elif shape == "cross":
+        w = r / 3
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, int(r / 3)))
+    elif shape == "bar":
+        draw.rectangle([cx - r, cy - r / 4, cx + r, cy + r / 4], fill=colour)
+    elif shape == "dot":
+        draw.ellipse([cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2], fill=colour)
+    elif shape == "star":
+        points = [(cx + (r if k % 2 == 0 else r / 2.5) * math.cos(math.pi / 5 * k - math.pi / 2),
+                   cy + (r if k % 2 == 0 else r / 2.5) * math.sin(math.pi / 5 * k - math.pi / 2)) for k in range(10)]
+        draw.polygon(points, fill=colour)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
 class GeneratedOptions(SourceOptions):
     path: str = Field(description="folder the media and manifest.csv are written to (reused when present)")
     classes: int = Field(default=4, ge=2, le=len(GENERATED_CLASSES))
@@ -275,7 +302,7 @@ def generate_media(folder: Path, classes: int, items_per_class: int, image_size:
     t = np.arange(int(audio_seconds * sample_rate)) / sample_rate
     for c in range(classes):
         shape_label, sound_label, colour, freq = GENERATED_CLASSES[c]
-        label = shape_label.split()[0]
+        label = shape_label.split()[1]
         for i in range(items_per_class):
             rid = f"c{c}-{i:04d}"
             u = float(rng.uniform(0.0, 1.0))  # the item's own parameter, shared by both modalities
@@ -284,7 +311,7 @@ def generate_media(folder: Path, classes: int, items_per_class: int, image_size:
             r = image_size * (0.12 + 0.3 * u)
             cx = image_size * (0.3 + 0.4 * u)
             cy = image_size * (0.7 - 0.4 * u)
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            _draw_shape(draw, shape_label.split()[1], cx, cy, r, colour)
             noise = rng.normal(0, 6, (image_size, image_size, 3))
             pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{rid}.png")

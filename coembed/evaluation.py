@@ -273,11 +273,22 @@ def paired_retrieval(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str,
     return out
 
 
+def _direction_r1(metrics: dict[str, float]) -> dict[str, float]:
+    """The instance-level R@1 of every direction (``"<query>-><gallery>/R@1"`` keys)."""
+    return {k: v for k, v in metrics.items() if len(parts := k.split("/")) == 2 and "->" in parts[0]
+            and parts[1] == "R@1"}
+
+
 def mean_recall_at_1(metrics: dict[str, float]) -> float:
-    """Mean instance-level R@1 over every direction (``"<query>-><gallery>/R@1"`` keys)."""
-    values = [v for k, v in metrics.items() if len(parts := k.split("/")) == 2 and "->" in parts[0]
-              and parts[1] == "R@1"]
+    """Mean instance-level R@1 over every direction."""
+    values = list(_direction_r1(metrics).values())
     return float(np.mean(values)) if values else float("nan")
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """One line for logs and the console: R@1 per direction and their mean."""
+    shown = {**_direction_r1(metrics), **({"mean_r1": metrics["mean_r1"]} if "mean_r1" in metrics else {})}
+    return ", ".join(f"{k} {v:.3f}" for k, v in shown.items())
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,17 +352,11 @@ def embed_records(model: "CoEmbedder", recipe: "Recipe", modality: str, records:
                   progress: bool = True) -> EmbeddedItems:
     """Encode the ``modality`` items of ``records`` through the embedding store (cached,
     bad items skipped with their reason) and project them with the model's head."""
-    from coembed.extraction import ItemChecks, extract
-    from coembed.store import DEFAULT_CACHE_DIR
+    from coembed.extraction import extract_with_recipe
 
-    ex, data = recipe.extraction, recipe.data
-    root = recipe.resolve_path(ex.cache_dir) if ex.cache_dir else DEFAULT_CACHE_DIR
     held = [r for r in records if modality in r.items]
-    checks = ItemChecks(max_image_pixels=data.max_image_pixels, silence_db=data.silence_db,
-                        drop_silent=data.silent_audio == "drop")
-    lookup, _ = extract(model.adapter(modality), [r.id for r in held], [r.items[modality] for r in held], root,
-                        batch_size=ex.batch_size, num_workers=ex.num_workers, shard_size=ex.shard_size,
-                        progress=progress, checks=checks)
+    lookup, _ = extract_with_recipe(model.adapter(modality), [r.id for r in held],
+                                    [r.items[modality] for r in held], recipe, progress)
     bad = [{"id": held[i].id, "modality": modality, "reason": reason} for i, reason in sorted(lookup.errors.items())]
     bad += [{"id": held[i].id, "modality": modality, "reason": "missing from the store"} for i in lookup.missing]
     rows = np.flatnonzero(lookup.ok)

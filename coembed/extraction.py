@@ -32,7 +32,8 @@ from coembed.data import reason_kind
 from coembed.media import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SILENCE_DB, SILENCE_FLOOR_DB, OverLimit, decoding,
                            safe_text)
 from coembed.registry import Adapter, BadItem
-from coembed.store import EmbeddingStore, Lookup, item_key
+from coembed.recipe import Recipe
+from coembed.store import DEFAULT_CACHE_DIR, EmbeddingStore, Lookup, item_key
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,21 @@ class ItemChecks:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     silence_db: float = DEFAULT_SILENCE_DB
     drop_silent: bool = False
+
+
+def store_root(recipe: Recipe) -> Path:
+    """The embedding store folder a recipe uses (``extraction.cache_dir`` or the default)."""
+    cache_dir = recipe.extraction.cache_dir
+    return recipe.resolve_path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+
+
+def extract_with_recipe(adapter: Adapter, ids: Sequence[str], items: Sequence[Any], recipe: Recipe,
+                        progress: bool = True) -> tuple[Lookup, "ExtractionStats"]:
+    """:func:`extract` with a recipe's store, extraction settings and item checks."""
+    ex, data = recipe.extraction, recipe.data
+    checks = ItemChecks(data.max_image_pixels, data.silence_db, data.silent_audio == "drop")
+    return extract(adapter, ids, items, store_root(recipe), batch_size=ex.batch_size, num_workers=ex.num_workers,
+                   shard_size=ex.shard_size, progress=progress, checks=checks)
 
 
 #: One loaded item: index, loaded value (None when bad), reason, measurements, whether to store the reason.

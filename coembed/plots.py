@@ -398,10 +398,11 @@ def draw_sample_figures(model: "CoEmbedder", sample: FigureSample, out_dir: Path
 
 
 def draw_run_figures(run_dir: Path, seed: int | None = None, n_neighbors: int | None = None,
-                     classes: Sequence[str] | None = None) -> list[Path]:
+                     classes: Sequence[str] | None = None, model: "CoEmbedder | None" = None) -> list[Path]:
     """Every figure of a run folder (UMAP figures and the training curve), written into it.
 
-    ``seed`` and ``n_neighbors`` default to the run's recipe (``seed``, ``eval.umap_neighbors``).
+    ``seed`` and ``n_neighbors`` default to the run's recipe (``seed``, ``eval.umap_neighbors``);
+    ``model`` defaults to the run's saved model.
     """
     import yaml
 
@@ -418,7 +419,8 @@ def draw_run_figures(run_dir: Path, seed: int | None = None, n_neighbors: int | 
         if history:
             select = str((recipe.get("train") or {}).get("select_metric", "mean_r1"))
             written.append(plot_history(history, select, run_dir / TRAINING_CURVE))
-    model = CoEmbedder.from_pretrained(run_dir / "model", device="cpu")
+    if model is None:
+        model = CoEmbedder.from_pretrained(run_dir / "model", device="cpu")
     sample = FigureSample.load(run_dir / SAMPLE_PATH)
     written += draw_sample_figures(model, sample, run_dir, seed, n_neighbors, classes)
     return written

@@ -24,6 +24,7 @@ from coembed.zeroshot import TOP_K, ZeroShotResult
 
 if TYPE_CHECKING:
     from coembed.data import Dataset
+    from coembed.model import CoEmbedder
     from coembed.recipe import Recipe
     from coembed.run import Embedded
     from coembed.training import PairSet
@@ -243,7 +244,7 @@ def write_report(run_dir: Path) -> Path:
 
 
 def publish_run(recipe: "Recipe", run_dir: Path, dataset: "Dataset", embedded: dict[str, "Embedded"],
-                pairs: list["PairSet"]) -> None:
+                pairs: list["PairSet"], model: "CoEmbedder") -> None:
     """The end of ``coembed train``: save the figure sample, draw the figures (``eval.plots``) and
     write ``report.md`` (``eval.report``). A figure that fails is logged; the run stays complete."""
     from coembed.plots import SAMPLE_PATH, build_figure_sample, draw_run_figures
@@ -251,7 +252,7 @@ def publish_run(recipe: "Recipe", run_dir: Path, dataset: "Dataset", embedded: d
     build_figure_sample(recipe.eval, dataset, embedded, pairs, recipe.seed).save(run_dir / SAMPLE_PATH)
     if recipe.eval.plots:
         try:
-            paths = draw_run_figures(run_dir)
+            paths = draw_run_figures(run_dir, model=model)
             log.info("figures: %s", ", ".join(p.name for p in paths))
         except Exception:  # a figure is never worth a finished run
             log.exception("drawing the figures failed; redraw them with `coembed plot %s`", run_dir)

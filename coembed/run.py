@@ -33,14 +33,14 @@ import numpy as np
 import torch
 
 from coembed.data import Dataset, Record, check_bad_fraction, load_dataset, reason_kind
-from coembed.evaluation import duplicate_groups
-from coembed.extraction import ExtractionStats, ItemChecks, extract
+from coembed.evaluation import duplicate_groups, headline
+from coembed.extraction import ExtractionStats, extract_with_recipe, store_root
 from coembed.heads import build_head
 from coembed.model import CoEmbedder
 from coembed.recipe import Recipe
 from coembed.registry import Adapter, create_adapter, resolve_key
 from coembed.report import publish_run
-from coembed.store import DEFAULT_CACHE_DIR, Lookup, content_identity
+from coembed.store import Lookup, content_identity
 from coembed.training import PairSet, Trainer, evaluate_pairs
 from coembed.zeroshot import run_recipe_zero_shot
 
@@ -97,17 +97,14 @@ class Embedded:
 
 def extract_all(recipe: Recipe, adapters: dict[str, Adapter], dataset: Dataset,
                 progress: bool = True) -> dict[str, Embedded]:
-    ex = recipe.extraction
-    root = recipe.resolve_path(ex.cache_dir) if ex.cache_dir else DEFAULT_CACHE_DIR
-    checks = ItemChecks(recipe.data.max_image_pixels, recipe.data.silence_db, recipe.data.silent_audio == "drop")
+    root = store_root(recipe)
     out: dict[str, Embedded] = {}
     for m in trained_modalities(recipe):
         records = [r for r in dataset.records if m in r.items]
         log.info("extracting %d %s items with %s (store %s)", len(records), m, adapters[m].key(),
                  root / adapters[m].fingerprint)
-        lookup, stats = extract(adapters[m], [r.id for r in records], [r.items[m] for r in records], root,
-                                batch_size=ex.batch_size, num_workers=ex.num_workers,
-                                shard_size=ex.shard_size, progress=progress, checks=checks)
+        lookup, stats = extract_with_recipe(adapters[m], [r.id for r in records], [r.items[m] for r in records],
+                                            recipe, progress)
         log.info("%s: %d items, %d from the store, %d encoded in %.1fs (%.1f items/s), %d bad",
                  m, stats.items, stats.cached, stats.encoded, stats.seconds, stats.items_per_second, stats.bad)
         out[m] = Embedded({r.id: i for i, r in enumerate(records)}, lookup, stats)
@@ -253,7 +250,6 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
                                      metadata={"recipe": recipe.name, "temperature": result.temperature,
                                                "pairs": [list(p) for p in recipe.pairs]})
     model.heads.load_state_dict(heads.state_dict())
-    model.save_pretrained(run_dir / "model")
 
     t = time.perf_counter()
     device = next(heads.parameters()).device
@@ -285,10 +281,10 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
         "seconds": {**times, "total": sum(times.values())},
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    publish_run(recipe, run_dir, dataset, embedded, pairs)
+    publish_run(recipe, run_dir, dataset, embedded, pairs, model)
+    model.save_pretrained(run_dir / "model", run_dir=run_dir)  # last: its card holds the metrics and figures
     log.info("%s", format_summary(metrics))
-    log.info("best epoch %d: %s", result.best_epoch,
-             ", ".join(f"{k}={v:.4f}" for k, v in result.best_metrics.items() if (k.endswith("R@1") and "/chance/" not in k) or k == "mean_r1"))
+    log.info("best epoch %d: %s", result.best_epoch, headline(result.best_metrics))
     log.info("wrote %s", run_dir)
     return RunResult(run_dir, model, metrics, result.history)
 

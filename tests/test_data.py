@@ -69,7 +69,7 @@ def test_generated_media_are_real_files(tmp_path):
 
     manifest = generate_media(tmp_path, classes=2, items_per_class=3, image_size=32, audio_seconds=1.0)
     rows = list(read_manifest_rows(manifest))
-    assert len(rows) == 6 and {r["label"] for r in rows} == {"red", "green"}
+    assert len(rows) == 6 and {r["label"] for r in rows} == {"circle", "square"}
     with Image.open(tmp_path / rows[0]["image"]) as image:
         assert image.size == (32, 32) and image.mode == "RGB"
     samples, rate = sf.read(tmp_path / rows[0]["audio"])
