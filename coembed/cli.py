@@ -93,11 +93,14 @@ def modalities(as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     header = ("ADAPTER", "MODALITY", "NAME", "DIM", "WEIGHTS (default)", "FROM")
-    table = [header] + [(r["key"], r["modality"], r["name"], str(r.get("dim", "?")),
-                         r.get("weights", "error: " + r.get("error", "")), r["distribution"]) for r in rows]
+    table = [header] + [(r["key"], r["modality"], r["name"], "?" if r.get("dim") is None else str(r["dim"]),
+                         r.get("weights", "(adapter failed to load)"), r["distribution"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    notes = [(r["key"], r.get("error") or r.get("note")) for r in rows if r.get("error") or r.get("note")]
+    for key, text in notes:
+        click.echo(f"\n{key}: {text}")
 
 
 @main.command("check")
@@ -180,14 +183,13 @@ def push(path: Path, repo_id: str, private: bool, token: str | None, message: st
 
     PATH is a run folder (its model/, recipe, metrics and UMAP figures go up) or a model folder.
     """
-    from huggingface_hub.errors import HfHubHTTPError
-
+    from coembed.hub import HubError
     from coembed.model import CoEmbedder, ModelLoadError
 
     try:
         model = CoEmbedder.from_pretrained(path, "cpu")
         url = model.push_to_hub(repo_id, private=private or None, token=token, commit_message=message)
-    except (ModelLoadError, HfHubHTTPError, ConnectionError) as exc:
+    except (ModelLoadError, HubError) as exc:
         _fail(str(exc))
     click.echo(f"pushed {path} to {url}")
 

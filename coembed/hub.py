@@ -66,7 +66,7 @@ def locate_model(model_id: str | os.PathLike[str], *, revision: str | None = Non
     if path.is_dir():
         return local_folders(path)
     repo_id = os.fspath(model_id)
-    if path.exists() or isinstance(model_id, os.PathLike) or not _is_repo_id(repo_id):
+    if path.exists() or isinstance(model_id, os.PathLike) or not is_repo_id(repo_id):
         raise ModelLoadError(f"{repo_id!r} is not a model folder, and not a Hugging Face Hub repo id ('user/name')")
     return local_folders(download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                                   local_files_only=local_files_only))
@@ -86,7 +86,8 @@ def local_folders(path: Path) -> tuple[Path, Path]:
     raise ModelLoadError(f"{path} holds neither a coembed model ({CONFIG_NAME}) nor a run's model/{CONFIG_NAME}")
 
 
-def _is_repo_id(text: str) -> bool:
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` has the form of a Hugging Face Hub repo id (``name`` or ``owner/name``)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -100,8 +101,8 @@ def _is_repo_id(text: str) -> bool:
 def download(repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
              token: str | bool | None = None, local_files_only: bool = False) -> Path:
     """Fetch the data files of the model repo ``repo_id`` into the Hugging Face cache; return the snapshot folder."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     try:
         folder = snapshot_download(repo_id, repo_type="model", revision=revision, cache_dir=cache_dir, token=token,
@@ -117,9 +118,28 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir: str | os.P
                              "(or it is private: pass token=... or log in with `hf auth login`)") from None
     except RevisionNotFoundError:
         raise ModelLoadError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
-    except (HfHubHTTPError, ConnectionError) as exc:
-        raise ModelLoadError(f"could not download {repo_id!r} from the Hub: {exc}") from None
+    except network_errors() as exc:
+        raise ModelLoadError(f"could not download {repo_id!r} from the Hub: {type(exc).__name__}: {exc}") from None
     return Path(folder)
+
+
+class HubError(RuntimeError):
+    """The Hub could not be reached or refused a request; the message says which and why."""
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """Errors of the Hub client's HTTP stack (requests, httpx or httpx2, by huggingface_hub version)."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, OfflineModeIsEnabled, ConnectionError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def snapshot_download(repo_id: str, **kwargs: Any) -> str:
@@ -142,9 +162,12 @@ def upload_folder(folder: Path, repo_id: str, *, private: bool | None = None, to
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     log.info("uploading %s to Hub repo %s", ", ".join(files), repo_id)
     api = HfApi(token=token, library_name="coembed", library_version=_version())
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                      commit_message=commit_message or f"Upload coembed model ({_version()})")
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                          commit_message=commit_message or f"Upload coembed model ({_version()})")
+    except network_errors() as exc:
+        raise HubError(f"could not upload to Hub repo {repo_id!r}: {type(exc).__name__}: {exc}") from None
     return str(url)
 
 
@@ -236,7 +259,7 @@ def _data_ref(data: Any) -> _DataRef:
     source = str(data.get("source", "manifest"))
     name, config = data.get("name"), data.get("config")
     split = data.get("split") if isinstance(data.get("split"), str) else None
-    if source == "hf_dataset" and isinstance(name, str) and _is_repo_id(name) and not Path(name).exists():
+    if source == "hf_dataset" and isinstance(name, str) and is_repo_id(name) and not Path(name).exists():
         return _DataRef(name, name, name, config if isinstance(config, str) else None, split)
     where = data.get("path") or name
     return _DataRef(f"{source}: {where}" if where else source, source, split=split)

@@ -412,10 +412,13 @@ def read_video_frame(frame: VideoFrame):
             raise BadItem("no video stream")
         stream = container.streams.video[0]
         target = frame.time
+        best = None
         try:
             if target > 0:
-                container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
-            best = None
+                if stream.time_base:
+                    container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
+                else:  # no stream time base: seek in the container's microseconds
+                    container.seek(int(target * av.time_base), backward=True, any_frame=False)
             for decoded in container.decode(stream):
                 best = decoded
                 if decoded.time is not None and decoded.time >= target:

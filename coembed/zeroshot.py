@@ -255,6 +255,8 @@ def validate_zero_shot(recipe: "Recipe") -> None:
     from coembed.recipe import RecipeError
     from coembed.registry import AdapterError, resolve_key
 
+    if not recipe.eval.zero_shot:
+        return
     problems: list[str] = []
     seen: set[str] = set()
     try:
