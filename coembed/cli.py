@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from coembed.recipe import DataConfig, ExtractionConfig
 
 SET_HELP = "Override a recipe value, e.g. --set train.epochs=5 (repeatable; values are YAML)."
+ADAPTER_OPTION_HELP = ("Set an option of a modality's encoder for this load, e.g. --adapter-option "
+                       "audio.weights=/data/vggish.pth to use this machine's copy of the weights the model was "
+                       "trained with (repeatable; values are YAML).")
 
 
 class _TqdmLogHandler(logging.Handler):
@@ -34,6 +37,18 @@ class _TqdmLogHandler(logging.Handler):
 def _fail(message: str) -> NoReturn:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(2)
+
+
+def _adapter_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``--adapter-option MODALITY.OPTION=VALUE`` items as ``CoEmbedder.from_pretrained(adapter_options=...)``."""
+    from coembed.recipe import apply_overrides
+
+    for item in items:
+        key, equals, _ = item.partition("=")
+        modality, _, option = key.strip().partition(".")
+        if not (equals and modality and option) or "." in option:
+            _fail(f"--adapter-option takes MODALITY.OPTION=VALUE, e.g. audio.weights=/data/vggish.pth (got {item!r})")
+    return apply_overrides({}, list(items))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,9 +145,11 @@ def check(recipe: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: CUDA when available].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id.")
+@click.option("--adapter-option", "adapter_options", multiple=True, metavar="MODALITY.OPTION=VALUE",
+              help=ADAPTER_OPTION_HELP)
 def encode(model: str, images: tuple[str, ...], audios: tuple[str, ...], texts: tuple[str, ...],
            sample_rate: int | None, out: Path | None, device: str | None, batch_size: int,
-           revision: str | None) -> None:
+           revision: str | None, adapter_options: tuple[str, ...]) -> None:
     """Embed inputs with MODEL (a model folder, a run folder or a Hub repo id) and save the vectors.
 
     Vectors are L2-normalised rows in the model's shared space, in the order given.
@@ -157,7 +174,8 @@ def encode(model: str, images: tuple[str, ...], audios: tuple[str, ...], texts: 
         except (OSError, ValueError) as exc:
             _fail(f"cannot read an audio array: {exc}")
     try:
-        embedder = CoEmbedder.from_pretrained(model, device, revision=revision)
+        embedder = CoEmbedder.from_pretrained(model, device, revision=revision,
+                                              adapter_options=_adapter_options(adapter_options))
         arrays = {m: embedder.embed(**{m: items}, sample_rate=sample_rate if m == "audio" else None,
                                     batch_size=batch_size, as_numpy=True) for m, items in inputs.items()}
     except (ModelLoadError, AdapterError, BadItem, ValueError) as exc:
@@ -229,6 +247,8 @@ def _eval_data_options(command: Callable[..., None]) -> Callable[..., None]:
                      help="Folder for the results [default: the run folder when MODEL is one, else here]."),
         click.option("--cache-dir", default=None, help="Embedding store root [default: ~/.cache/coembed/embeddings]."),
         click.option("--device", default=None, help="cpu, cuda, ... [default: CUDA when available]."),
+        click.option("--adapter-option", "adapter_options", multiple=True, metavar="MODALITY.OPTION=VALUE",
+                     help=ADAPTER_OPTION_HELP),
         click.option("--no-progress", is_flag=True, help="Hide progress bars."),
     ]
     for option in reversed(options):
@@ -238,7 +258,7 @@ def _eval_data_options(command: Callable[..., None]) -> Callable[..., None]:
 
 def _eval_setup(model: str, data_path: str, layout: str, folds: str | None, splits: tuple[str, ...],
                 label_column: str | None, columns: tuple[str, ...], options: tuple[str, ...],
-                cache_dir: str | None, device: str | None
+                cache_dir: str | None, device: str | None, adapter_options: tuple[str, ...]
                 ) -> tuple[CoEmbedder, DataConfig, dict[str, str], ExtractionConfig]:
     """The loaded model, the data section, the column map and the extraction settings of an ``eval`` command."""
     from pydantic import ValidationError
@@ -259,7 +279,7 @@ def _eval_setup(model: str, data_path: str, layout: str, folds: str | None, spli
         if label_column:
             source_options["label_column"] = label_column
         data = DataConfig.model_validate({"source": layout, "path": data_path, **source_options})
-        embedder = CoEmbedder.from_pretrained(model, device)
+        embedder = CoEmbedder.from_pretrained(model, device, adapter_options=_adapter_options(adapter_options))
     except (RecipeError, ModelLoadError) as exc:
         _fail(str(exc))
     except ValidationError as exc:
@@ -295,8 +315,8 @@ def eval_group() -> None:
 @click.option("--name", default=None, help="Name of the results [default: the layout].")
 def zero_shot(model: str, data_path: str, layout: str, folds: str | None, splits: tuple[str, ...],
               label_column: str | None, columns: tuple[str, ...], options: tuple[str, ...], out: Path | None,
-              cache_dir: str | None, device: str | None, no_progress: bool, modality: str,
-              text_modality: str | None, templates: str | None, name: str | None) -> None:
+              cache_dir: str | None, device: str | None, adapter_options: tuple[str, ...], no_progress: bool,
+              modality: str, text_modality: str | None, templates: str | None, name: str | None) -> None:
     """Zero-shot classification with MODEL (a run folder, a model folder or a Hub repo id).
 
     Labelled items of one modality (e.g. ESC-50 clips) are matched against their class names,
@@ -309,7 +329,7 @@ def zero_shot(model: str, data_path: str, layout: str, folds: str | None, splits
     from coembed.zeroshot import TOP_K, run_zero_shot
 
     embedder, data, column_map, extraction = _eval_setup(model, data_path, layout, folds, splits, label_column,
-                                                         columns, options, cache_dir, device)
+                                                         columns, options, cache_dir, device, adapter_options)
     template_list: str | list[str] | None = templates
     if templates and Path(templates).is_file():
         template_list = [line.strip() for line in Path(templates).read_text().splitlines() if line.strip()]
@@ -341,8 +361,8 @@ def zero_shot(model: str, data_path: str, layout: str, folds: str | None, splits
 @click.option("--name", default=None, help="Name of the results [default: the layout].")
 def retrieval(model: str, data_path: str, layout: str, folds: str | None, splits: tuple[str, ...],
               label_column: str | None, columns: tuple[str, ...], options: tuple[str, ...], out: Path | None,
-              cache_dir: str | None, device: str | None, no_progress: bool, pairs: tuple[str, ...],
-              name: str | None) -> None:
+              cache_dir: str | None, device: str | None, adapter_options: tuple[str, ...], no_progress: bool,
+              pairs: tuple[str, ...], name: str | None) -> None:
     """Retrieval in both directions with MODEL over paired data (R@1/5/10, median rank, mAP, chance levels).
 
     Records holding items of both modalities of a pair type are the pairs; where they have labels,
@@ -355,7 +375,7 @@ def retrieval(model: str, data_path: str, layout: str, folds: str | None, splits
     from coembed.report import retrieval_tables
 
     embedder, data, column_map, extraction = _eval_setup(model, data_path, layout, folds, splits, label_column,
-                                                         columns, options, cache_dir, device)
+                                                         columns, options, cache_dir, device, adapter_options)
     chosen = [tuple(p.split(",")) for p in pairs] or [tuple(p) for p in embedder.metadata.get("pairs", [])]
     if not chosen or any(len(p) != 2 for p in chosen):
         _fail("name the pair types with --pair A,B (the model does not record the ones it was trained on)")

@@ -16,6 +16,10 @@ and ``heads.safetensors`` are read; nothing is unpickled and no code from the
 folder runs. Every head weight must be present with its expected shape and no
 other may be, and each head's input dimension and encoder fingerprint are
 checked against the adapter that will feed it when that adapter is created.
+
+Encoders whose weights were a local file or folder are identified by content, so
+the model loads on another machine with ``adapter_options`` pointing at a copy
+of the same weights there (see :meth:`CoEmbedder.from_pretrained`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
@@ -128,6 +132,8 @@ class CoEmbedder(nn.Module):
         self.heads = nn.ModuleDict({m: build_head(s.head, s.input_dim, output_dim) for m, s in self.specs.items()})
         self._adapters: dict[str, Adapter] = {}
         self._device: str | None = None
+        #: Adapter options given at load, by modality, over the saved ones (``from_pretrained(adapter_options=...)``).
+        self._adapter_overrides: dict[str, dict[str, Any]] = {}
         #: Folder holding the training record (recipe.yaml, metrics.json, figures) used for the model card.
         self.record_dir: Path | None = None
         self.eval()
@@ -155,16 +161,20 @@ class CoEmbedder(nn.Module):
             raise ValueError(f"this model has no {modality!r} modality; it has: {', '.join(self.specs)}")
         if modality not in self._adapters:
             spec = self.specs[modality]
+            overrides = self._adapter_overrides.get(modality, {})
             options = dict(spec.adapter_config)
             if self._device is not None:
                 options["device"] = self._device
+            options.update(overrides)
             try:
                 adapter = create_adapter(spec.adapter, **options)
             except ValidationError as exc:
+                given = f", with adapter_options {overrides}" if overrides else ""
                 raise ModelLoadError(f"{modality}: adapter {spec.adapter} does not accept the options this model "
-                                     f"was trained with ({_validation_message(exc)})") from None
+                                     f"was trained with{given} ({_validation_message(exc)})") from None
             except AdapterError as exc:
                 raise AdapterError(f"{modality}: this model needs adapter {spec.adapter!r}: {exc}") from exc
+            check_local_weights(modality, spec, adapter)
             check_adapter_matches(modality, spec, adapter)
             self._adapters[modality] = adapter
         return self._adapters[modality]
@@ -295,7 +305,8 @@ class CoEmbedder(nn.Module):
     @classmethod
     def from_pretrained(cls, model_id: str | os.PathLike[str], device: str | None = None, *,
                         revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
-                        token: str | bool | None = None, local_files_only: bool = False) -> CoEmbedder:
+                        token: str | bool | None = None, local_files_only: bool = False,
+                        adapter_options: Mapping[str, Mapping[str, Any]] | None = None) -> CoEmbedder:
         """Load a model from a model folder, a run folder (its ``model/``) or a Hub repo id.
 
         A Hub repo is downloaded (only its config, heads, card, record and
@@ -308,28 +319,41 @@ class CoEmbedder(nn.Module):
                 default: CUDA when available.
             revision, cache_dir, token, local_files_only: passed to the Hub
                 download; unused for local folders.
+            adapter_options: options of a modality's encoder that replace the
+                saved ones on this machine, e.g. ``{"audio": {"weights":
+                "/data/vggish.pth"}}`` for a model trained with a weights file
+                that lies elsewhere here. Local weights are compared by
+                content: a copy of the training weights is accepted, other
+                weights are refused. Not saved with the model.
 
         Raises:
-            ModelLoadError: missing or malformed files, a newer format, or head
-                weights that do not match the config.
+            ModelLoadError: missing or malformed files, a newer format, head
+                weights that do not match the config, or ``adapter_options``
+                for a modality the model does not have.
         """
         from coembed import hub
 
         model_dir, record_dir = hub.locate_model(model_id, revision=revision, cache_dir=cache_dir, token=token,
                                                  local_files_only=local_files_only)
-        model = cls._from_folder(model_dir, device)
+        model = cls._from_folder(model_dir, device, adapter_options or {})
         model.record_dir = record_dir
         return model
 
     @classmethod
-    def _from_folder(cls, directory: Path, device: str | None) -> CoEmbedder:
+    def _from_folder(cls, directory: Path, device: str | None,
+                     adapter_options: Mapping[str, Mapping[str, Any]]) -> CoEmbedder:
         config = read_config(directory / CONFIG_NAME)
         try:
             model = cls(config.anchor, config.modalities, config.output_dim, config.metadata)
         except ValueError as exc:  # a head config that cannot map input_dim to output_dim
             raise ModelLoadError(f"{directory / CONFIG_NAME}: {exc}") from None
+        unknown = sorted(set(adapter_options) - set(model.specs))
+        if unknown:
+            raise ModelLoadError(f"adapter_options name modalities this model does not have: {', '.join(unknown)}; "
+                                 f"it has: {', '.join(model.specs)}")
         model._load_heads(directory / WEIGHTS_NAME)
         model._device = device
+        model._adapter_overrides = {m: dict(options) for m, options in adapter_options.items()}
         model.heads.to(resolve_device(device or "auto"))
         return model
 
@@ -423,6 +447,18 @@ def read_config(path: Path) -> ModelConfig:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
         raise ModelLoadError(f"{path} is malformed: {_validation_message(exc)}") from None
+
+
+def check_local_weights(modality: str, spec: ModalitySpec, adapter: Adapter) -> None:
+    """Refuse an encoder whose weights option names a local path that is not there, saying how to point
+    it at a copy of the weights the head was trained on."""
+    for option, path in adapter.local_weights().items():
+        if not path.exists():
+            raise ModelLoadError(
+                f"{modality}: adapter {adapter.key()} option {option}={str(path)!r} names weights that do not exist "
+                f"on this machine (the head was trained on weights {spec.weights}). Point it at a copy of those "
+                f"weights: CoEmbedder.from_pretrained(..., adapter_options={{{modality!r}: {{{option!r}: "
+                f"'/path/to/copy'}}}}), or on the command line --adapter-option {modality}.{option}=/path/to/copy")
 
 
 def check_adapter_matches(modality: str, spec: ModalitySpec, adapter: Adapter) -> None:

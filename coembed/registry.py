@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -91,6 +92,13 @@ class Adapter(ABC):
     #: Options that do not change the vectors and so stay out of the fingerprint.
     runtime_options: ClassVar[frozenset[str]] = frozenset({"device"})
 
+    #: Options whose value may be only where the weights lie on this machine (a file or
+    #: folder path), weights that :meth:`weights_identity` then identifies by their content.
+    #: Such an option holding a local path (:meth:`weights_location`) stays out of the
+    #: fingerprint, so the same weights at another path give the same fingerprint; a value
+    #: that names the weights (a tag, a Hub id) stays in.
+    weights_options: ClassVar[frozenset[str]] = frozenset()
+
     def __init__(self, options: AdapterOptions | None = None, **kwargs: Any) -> None:
         if options is None:
             options = self.Options(**kwargs)
@@ -110,23 +118,65 @@ class Adapter(ABC):
 
     @property
     def fingerprint(self) -> str:
-        """Cache key: adapter, model, weights and every output-changing option."""
-        payload = json.dumps(
-            {"adapter": self.key(), "config": self.config(), "weights": self.weights_identity()},
-            sort_keys=True,
-        )
+        """Cache key: adapter, model, weights and every output-changing option.
+
+        Weights options holding a local path (:meth:`local_weights`) are left out:
+        :meth:`weights_identity` stands for those weights, by content.
+        """
+        local = self.local_weights()
+        config = {k: v for k, v in self.config().items() if k not in local}
+        payload = json.dumps({"adapter": self.key(), "config": config, "weights": self.weights_identity()},
+                             sort_keys=True)
         digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
         return f"{self.modality}-{self.name}-{digest}"
 
     def weights_identity(self) -> str:
-        """A string naming the weights (tag, file path + size, ...). Override if needed."""
+        """A string naming the weights. Override if needed.
+
+        A tag or Hub id names its weights (add a revision if the library pins one);
+        weights in a local file or folder must be named by their content (a digest
+        of the bytes), never by their path: the fingerprint leaves the path of
+        :attr:`weights_options` out and relies on this identity alone.
+        """
         return ""
+
+    def weights_location(self, option: str) -> Path | None:
+        """The local file or folder that the weights option ``option`` names, or ``None``
+        when its value names the weights some other way (a tag, a Hub id, random init).
+
+        Decided from the value alone, whether the path exists here or not. Default: a
+        string that is an absolute path, starts with ``~`` or ``.``, or names an existing
+        file or folder. Override where the library reads the value differently.
+        """
+        value = getattr(self.options, option)
+        if not isinstance(value, str) or not value:
+            return None
+        path = Path(value).expanduser()
+        if path.is_absolute() or value.startswith((".", "~")) or path.exists():
+            return path.resolve()
+        return None
+
+    def local_weights(self) -> dict[str, Path]:
+        """``{option: path}`` for each of :attr:`weights_options` in :meth:`config` that holds a local path."""
+        config = self.config()
+        return {option: path for option in sorted(self.weights_options & config.keys())
+                if (path := self.weights_location(option)) is not None}
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
-        """Output dimension and weights with default options, without loading the model."""
+        """Output dimension and weights with default options, without loading the model if it can.
+
+        An adapter whose dimension needs weights that are not here reports ``dim``
+        as None and says why in ``note``.
+        """
         adapter = cls()
-        return {"dim": adapter.dim, "weights": adapter.weights_identity() or "none"}
+        row: dict[str, Any] = {"weights": adapter.weights_identity() or "none"}
+        try:
+            row["dim"] = adapter.dim
+        except WeightsUnavailable as exc:
+            row["dim"] = None
+            row["note"] = str(exc)
+        return row
 
     @property
     def device(self) -> torch.device:

@@ -6,13 +6,19 @@ the local caches first and, only when the weights are not there, check once
 and quickly that the download host can be reached before handing over to the
 library. Without network the caller raises
 :class:`~coembed.registry.WeightsUnavailable` at once.
+
+Local weights are identified by their content (:func:`path_identity`), never
+by where they lie, so a model trained with a file on one machine loads with a
+copy of it anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import urllib.request
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -96,16 +102,73 @@ def hub_cache_dir(cache_dir: str | None) -> str:
     return cache_dir or constants.HF_HUB_CACHE
 
 
-def path_identity(path: str | os.PathLike[str]) -> str:
-    """``"<absolute path> (<size> bytes)"`` for a weights file or model folder, for fingerprints.
+#: Names skipped when hashing a model folder: they never change what the model computes.
+IGNORED_DIRS = frozenset({"__pycache__"})
+IGNORED_SUFFIXES = (".lock", ".pyc", ".md")
+_CHUNK = 1 << 20
 
-    The size of a folder is the total size of the files under it.
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file's bytes, hashed once per process for each ``(path, size, mtime)``.
+
+    A file rewritten in place gets a new size or modification time and so is hashed again.
+    """
+    p = Path(path).resolve()
+    stat = p.stat()
+    return _file_digest(str(p), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_files(folder: str | os.PathLike[str]) -> list[tuple[str, Path]]:
+    """The files that define the model in ``folder``: ``(relative POSIX path, path)``, sorted.
+
+    Every file under the folder counts (symbolic links followed, as in a Hugging
+    Face cache snapshot) except what never changes the model's output: hidden
+    files and folders (``.git``, ``.cache``, ``.gitattributes``, ...),
+    ``__pycache__``, ``*.pyc``, lock files (``*.lock``) and documentation (``*.md``,
+    such as the model card).
+    """
+    root = Path(folder).resolve()
+    found: list[tuple[str, Path]] = []
+    for current, dirs, files in os.walk(root, followlinks=True):
+        real = Path(current).resolve()
+        # a link back to a folder above would be walked forever
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in IGNORED_DIRS
+                   and not real.is_relative_to(Path(current, d).resolve())]
+        for name in files:
+            if not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES):
+                path = Path(current, name)
+                if path.is_file():
+                    found.append((path.relative_to(root).as_posix(), path))
+    return sorted(found)
+
+
+def folder_digest(folder: str | os.PathLike[str]) -> str:
+    """sha256 (hex) over the sorted relative paths and contents of :func:`model_files` of ``folder``."""
+    digest = hashlib.sha256()
+    for name, path in model_files(folder):
+        digest.update(f"{name}\0{file_digest(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def path_identity(path: str | os.PathLike[str]) -> str:
+    """The weights in a local file or model folder, by content, for fingerprints.
+
+    ``"sha256:<hex>"`` of a file's bytes (:func:`file_digest`), ``"folder-sha256:<hex>"``
+    of a folder's model files (:func:`folder_digest`): the same weights anywhere, under
+    any name, have the same identity. ``"missing <absolute path>"`` when there is nothing.
     """
     p = Path(path).expanduser().resolve()
     if p.is_file():
-        size = p.stat().st_size
-    elif p.is_dir():
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    else:
-        return f"{p} (missing)"
-    return f"{p} ({size} bytes)"
+        return f"sha256:{file_digest(p)}"
+    if p.is_dir():
+        return f"folder-sha256:{folder_digest(p)}"
+    return f"missing {p}"

@@ -170,6 +170,7 @@ class _ClipAdapter(Adapter):
 
     Options: ClassVar[type[AdapterOptions]] = ClipOptions
     runtime_options: ClassVar[frozenset[str]] = frozenset({"device", "cache_dir"})
+    weights_options: ClassVar[frozenset[str]] = frozenset({"pretrained"})
     options: ClipOptions
 
     @property
@@ -184,6 +185,11 @@ class _ClipAdapter(Adapter):
     @property
     def _source(self) -> _Source:
         return _weights_source(self.options.model, self.options.pretrained)
+
+    def weights_location(self, option: str) -> Path | None:
+        """``pretrained`` as a local checkpoint file; a tag, an ``hf-hub:`` id or ``None`` is not one."""
+        source = self._source
+        return Path(source.name) if source.kind == "file" else None
 
     def weights_identity(self) -> str:
         source = self._source

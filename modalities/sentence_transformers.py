@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -50,6 +51,7 @@ class SentenceTransformerAdapter(Adapter):
     raw_input = "text"
     Options: ClassVar[type[AdapterOptions]] = SentenceTransformerOptions
     runtime_options: ClassVar[frozenset[str]] = frozenset({"device", "cache_dir"})
+    weights_options: ClassVar[frozenset[str]] = frozenset({"model"})
     options: SentenceTransformerOptions
 
     @property
@@ -60,10 +62,19 @@ class SentenceTransformerAdapter(Adapter):
         get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get_dim())
 
+    def weights_location(self, option: str) -> Path | None:
+        """``model`` as a local model folder: an existing folder, or a value that cannot be a
+        Hub id (``/abs/path``, ``./folder``, ``~/folder``); otherwise it is a Hub id."""
+        from coembed.hub import is_repo_id
+
+        model = self.options.model
+        if os.path.isdir(model) or not is_repo_id(model):
+            return Path(model).expanduser().resolve()
+        return None
+
     def weights_identity(self) -> str:
-        if os.path.isdir(self.options.model):
-            return path_identity(self.options.model)
-        return f"hf-hub:{self._repo_id()}"
+        location = self.weights_location("model")
+        return f"hf-hub:{self._repo_id()}" if location is None else path_identity(location)
 
     def _repo_id(self) -> str:
         model = self.options.model
@@ -77,8 +88,13 @@ class SentenceTransformerAdapter(Adapter):
         from sentence_transformers import SentenceTransformer
 
         model = self.options.model
+        location = self.weights_location("model")
         local_only = False
-        if not os.path.isdir(model):
+        if location is not None:
+            if not location.is_dir():
+                raise WeightsUnavailable(self._unavailable("no such folder"))
+            model = str(location)
+        else:
             repo = self._repo_id()
             local_only = cached_hub_file(repo, ["modules.json", "config.json"], self._cache_folder) is not None
             if not local_only:
@@ -95,7 +111,7 @@ class SentenceTransformerAdapter(Adapter):
         model = self.options.model
         local = ("To use a local copy, point at a model folder (as written by SentenceTransformer.save): "
                  "--set modalities.text.model=/path/to/model-folder")
-        if os.path.isdir(model):
+        if self.weights_location("model") is not None:
             return f"sentence-transformers model folder {model!r} could not be loaded: {reason}. {local}."
         repo = self._repo_id()
         return (f"sentence-transformers model {model!r} is not available: {reason}. It is downloaded from the "

@@ -147,6 +147,7 @@ class VGGishAdapter(Adapter):
     name = "vggish"
     Options: ClassVar[type[AdapterOptions]] = VGGishOptions
     runtime_options: ClassVar[frozenset[str]] = frozenset({"device", "cache_dir", "sample_rate"})
+    weights_options: ClassVar[frozenset[str]] = frozenset({"weights", "pca_params"})
     options: VGGishOptions
 
     @property
@@ -160,29 +161,32 @@ class VGGishAdapter(Adapter):
             config.pop("pca_params")
         return config
 
+    def weights_location(self, option: str) -> Path | None:
+        """``weights`` or ``pca_params`` as a local file; ``release`` and ``None`` (random
+        init, or the released PCA parameters) are not one."""
+        value = getattr(self.options, option)
+        return None if value is None or value == "release" else Path(value).expanduser().resolve()
+
     def weights_identity(self) -> str:
-        opts = self.options
-        if opts.weights is None:
+        if self.options.weights is None:
             return "random-init"
-        parts = [self._identity(opts.weights, VGGISH_WEIGHTS)]
-        if opts.postprocess:
-            parts.append("pca " + self._identity(opts.pca_params, PCA_PARAMS))
+        parts = [self._identity("weights", VGGISH_WEIGHTS)]
+        if self.options.postprocess:
+            parts.append("pca " + self._identity("pca_params", PCA_PARAMS))
         return ", ".join(parts)
 
-    @staticmethod
-    def _identity(value: str | None, release_url: str) -> str:
-        if value is None or value == "release":
+    def _identity(self, option: str, release_url: str) -> str:
+        location = self.weights_location(option)
+        if location is None:
             return f"torchvggish release {os.path.basename(release_url)}"
-        return path_identity(value)
+        return path_identity(location)
 
     # -- model ----------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
         opts = self.options
         # Find the files before building anything, so missing ones fail at once.
-        weights_path = None if opts.weights is None else self._local_file(opts.weights, VGGISH_WEIGHTS, "weights")
-        pca_path = None
-        if opts.postprocess:
-            pca_path = self._local_file(opts.pca_params or "release", PCA_PARAMS, "pca_params")
+        weights_path = None if opts.weights is None else self._local_file("weights", VGGISH_WEIGHTS)
+        pca_path = self._local_file("pca_params", PCA_PARAMS) if opts.postprocess else None
         vgg = VGG(make_layers(), postprocess=False)
         if weights_path is not None:
             try:
@@ -201,14 +205,16 @@ class VGGishAdapter(Adapter):
                                          f"({describe_error(exc)})") from exc
         return VGGishEncoder(vgg, postprocessor)
 
-    def _local_file(self, value: str, release_url: str, option: str) -> str:
-        """Path of a local file: ``value`` itself, or the release file from the cache or downloaded."""
+    def _local_file(self, option: str, release_url: str) -> str:
+        """Path of the file ``option`` names: a local file, or the release file from the cache or downloaded."""
         local_hint = (f"To use a local copy, download {release_url} elsewhere and point at it: "
                       f"--set modalities.audio.{option}=/path/{os.path.basename(release_url)}")
-        if value != "release":
-            if not os.path.isfile(value):
-                raise WeightsUnavailable(f"VGGish {option} file {value!r} does not exist. {local_hint}.")
-            return value
+        location = self.weights_location(option)
+        if location is not None:
+            if not location.is_file():
+                raise WeightsUnavailable(f"VGGish {option} file {getattr(self.options, option)!r} does not exist. "
+                                         f"{local_hint}.")
+            return str(location)
         folder = Path(self.options.cache_dir or Path(torch.hub.get_dir()) / "checkpoints").expanduser()
         target = folder / os.path.basename(release_url)
         if target.is_file():

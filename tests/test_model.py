@@ -348,6 +348,22 @@ def test_refuses_adapter_options_or_adapters_it_does_not_know(toy_model: CoEmbed
         CoEmbedder.from_pretrained(folder).embed(other=VECTORS)
 
 
+def test_adapter_options_replace_saved_ones_under_the_same_checks(toy_model: CoEmbedder, tmp_path: Path) -> None:
+    folder = saved_toy(toy_model, tmp_path)
+    with pytest.raises(ModelLoadError, match="adapter_options name modalities this model does not have: video; "
+                                             "it has: anchor, other"):
+        CoEmbedder.from_pretrained(folder, "cpu", adapter_options={"video": {"seed": 1}})
+    same = CoEmbedder.from_pretrained(folder, "cpu", adapter_options={"other": {"seed": 1}})  # the saved value
+    assert torch.equal(same.embed(other=VECTORS), toy_model.embed(other=VECTORS))
+    changed = CoEmbedder.from_pretrained(folder, "cpu", adapter_options={"other": {"seed": 2}})
+    with pytest.raises(ModelLoadError, match="other: the head was trained on encoder toy-vector-"):
+        changed.embed(other=VECTORS)
+    typo = CoEmbedder.from_pretrained(folder, "cpu", adapter_options={"other": {"sed": 2}})
+    with pytest.raises(ModelLoadError, match=r"other: adapter toy/vector does not accept the options this model was "
+                                             r"trained with, with adapter_options \{'sed': 2\} \(sed: unknown key"):
+        typo.embed(other=VECTORS)
+
+
 # ---------------------------------------------------------------------------------------
 # coembed encode
 # ---------------------------------------------------------------------------------------
@@ -382,4 +398,7 @@ def test_cli_encode_refuses_before_loading(tmp_path: Path) -> None:
     assert two.exit_code == 2 and "need an .npz output" in two.output
     missing = CliRunner().invoke(main, ["encode", str(tmp_path / "nope"), "--text", "a"])
     assert missing.exit_code == 2 and "not a model folder" in missing.output
+    for malformed in ("weights=/x.pth", "audio.weights", "audio.weights.file=/x.pth"):
+        refused = CliRunner().invoke(main, ["encode", str(tmp_path), "--text", "a", "--adapter-option", malformed])
+        assert refused.exit_code == 2 and "--adapter-option takes MODALITY.OPTION=VALUE" in refused.output
 
