@@ -11,6 +11,7 @@ Prints epochs/second for both and the ratio. Run:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -37,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs of each (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -49,30 +50,38 @@ def main() -> None:
     pairs = [PairSet("image", "audio", image, audio, image[:2], audio[:2])]
     trainer = Trainer(heads, pairs, TrainConfig(epochs=1, batch_size=args.batch, device=args.device))
     gen = torch.Generator().manual_seed(0)
-    trainer._epoch(gen)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(args.epochs):
-        trainer._epoch(gen)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    ours = (time.perf_counter() - t) / args.epochs
 
     head = LinearHead(128, 512).to(device)
     temperature = LearnableTemperature().to(device)
     optimizer = torch.optim.Adam(list(head.parameters()) + list(temperature.parameters()), lr=1e-4)
     a_dev, i_dev = audio.to(device), image.to(device)
-    baseline_epoch(head, temperature, a_dev, i_dev, args.batch, optimizer)  # warm-up
-    t = time.perf_counter()
-    for _ in range(args.epochs):
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(step) -> float:
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - start
+
+    def ours_epoch() -> None:
+        trainer._epoch(gen)
+
+    def base_epoch() -> None:
         baseline_epoch(head, temperature, a_dev, i_dev, args.batch, optimizer)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    base = (time.perf_counter() - t) / args.epochs
+
+    ours_epoch(), base_epoch()  # warm-up
+    ours_times, base_times = [], []
+    for _ in range(args.epochs):  # interleaved, so drift in machine load hits both alike
+        ours_times.append(timed(ours_epoch))
+        base_times.append(timed(base_epoch))
+    ours, base = statistics.median(ours_times), statistics.median(base_times)
 
     print(f"device {device}, {args.pairs} pairs, batch {args.batch}")
-    print(f"coembed trainer      : {ours * 1000:8.1f} ms/epoch")
+    print(f"coembed trainer      : {ours * 1000:8.1f} ms/epoch (median of {args.epochs})")
     print(f"DataLoader baseline  : {base * 1000:8.1f} ms/epoch")
     print(f"speed-up             : {base / ours:8.2f}x")
 
