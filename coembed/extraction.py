@@ -19,6 +19,7 @@ dropped) by the threshold of the current run, without encoding anything again.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,16 @@ class ItemChecks:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     silence_db: float = DEFAULT_SILENCE_DB
     drop_silent: bool = False
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, at most one per CPU core this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cores:
+        log.info("extraction.num_workers=%d but %d CPU cores are usable: using %d workers",
+                 requested, cores, cores)
+        return cores
+    return requested
 
 
 def store_root(recipe: Recipe) -> Path:
@@ -157,6 +168,7 @@ def extract(
     start = time.perf_counter()
     refused: dict[int, str] = {}  # item index -> reason not stored (a setting refused the item)
     if todo:
+        num_workers = usable_workers(num_workers)
         loader = DataLoader(
             _LoadItems(adapter, [items[n] for n in todo], checks.max_image_pixels),
             batch_size=batch_size,
