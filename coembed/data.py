@@ -204,21 +204,19 @@ class ManifestSource(Source):
 
 def records_from_rows(rows: Iterable[dict[str, Any]], options: ManifestOptions, columns: dict[str, str],
                       kinds: dict[str, str], root: Path) -> Iterator[Record | BadRecord]:
-    seen: set[str] = set()
+    return unique_ids(_row_records(rows, options, columns, kinds, root))
+
+
+def _row_records(rows: Iterable[dict[str, Any]], options: ManifestOptions, columns: dict[str, str],
+                 kinds: dict[str, str], root: Path) -> Iterator[Record | BadRecord]:
     for index, row in enumerate(rows):
         if "__bad__" in row:
             yield BadRecord(f"row-{row['__line__']}", row["__bad__"])
             continue
-        rid = safe_text(str(row.get(options.id_column) or "").strip())
-        if not rid:
+        rid = record_id(row.get(options.id_column))
+        if rid is None:
             yield BadRecord(f"row-{index + 1}", f"no value in id column {options.id_column!r}")
             continue
-        if rid in seen:
-            yield BadRecord(rid, "duplicate id")
-            continue
-        seen.add(rid)
-        group = safe_text(str(row.get(options.group_column) or "")) if options.group_column else ""
-        label = row.get(options.label_column) if options.label_column else None
         items: dict[str, Any] = {}
         for modality, column in columns.items():
             value = row.get(column)
@@ -228,8 +226,42 @@ def records_from_rows(rows: Iterable[dict[str, Any]], options: ManifestOptions, 
                 p = Path(value).expanduser()
                 value = str(p if p.is_absolute() else root / p)
             items[modality] = value
-        yield Record(id=rid, group=group or rid, items=items,
-                     label=None if label in (None, "") else safe_text(str(label)))
+        yield make_record(rid, items, row.get(options.group_column) if options.group_column else None,
+                          row.get(options.label_column) if options.label_column else None)
+
+
+# ---------------------------------------------------------------------------------------
+# record ids, groups and labels: the same rules for every source
+# ---------------------------------------------------------------------------------------
+
+
+def cell_text(value: Any) -> str | None:
+    """A data cell as UTF-8-safe text; ``None`` for a missing or empty cell (a number, 0 included, is text)."""
+    if value is None:
+        return None
+    return safe_text(str(value)) or None
+
+
+def record_id(value: Any) -> str | None:
+    """A record id from a data cell (surrounding blanks removed); ``None`` when there is none."""
+    return None if value is None else cell_text(str(value).strip())
+
+
+def make_record(rid: str, items: dict[str, Any], group: Any = None, label: Any = None) -> Record:
+    """A record whose group and label come from data cells: no group makes the record its own group."""
+    return Record(id=rid, group=cell_text(group) or rid, items=items, label=cell_text(label))
+
+
+def unique_ids(records: Iterable[Record | BadRecord]) -> Iterator[Record | BadRecord]:
+    """``records`` with each record whose id came before turned into a bad record."""
+    seen: set[str] = set()
+    for rec in records:
+        if isinstance(rec, Record):
+            if rec.id in seen:
+                yield BadRecord(rec.id, "duplicate id")
+                continue
+            seen.add(rec.id)
+        yield rec
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,13 +381,23 @@ class GeneratedSource(Source):
         stamp = folder / "generated.json"
         spec = o.model_dump() | {"seed": self.recipe.seed}
         manifest = folder / "manifest.csv"
-        if not (manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == spec):
+        if not (manifest.is_file() and _read_stamp(stamp) == spec):
             generate_media(folder, o.classes, o.items_per_class, o.image_size, o.audio_seconds,
                            o.sample_rate, seed=self.recipe.seed)
-            stamp.write_text(json.dumps(spec))
+            tmp = stamp.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(spec))
+            os.replace(tmp, stamp)  # a killed run leaves no half-written stamp
         manifest_options = ManifestOptions(path=str(manifest))
         yield from records_from_rows(read_manifest_rows(manifest), manifest_options, self.columns,
                                      modality_kinds(self.recipe), folder)
+
+
+def _read_stamp(stamp: Path) -> Any:
+    """The options a generated set was written with; ``None`` when the stamp is missing or unreadable."""
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from pydantic import Field
 
-from coembed.data import BadRecord, Record, Source, SourceOptions, register_source
+from coembed.data import BadRecord, Record, Source, SourceOptions, make_record, register_source, unique_ids
 
 REQUIRED_COLUMNS = ("filename", "fold", "category")
 
@@ -62,28 +62,37 @@ class Esc50Source(Source):
         if not meta.is_file():
             raise RecipeError(f"data.path: {meta} not found; an ESC-50 folder holds {o.audio_dir}/ and {o.meta}")
         folds = set(o.folds) if o.folds else None
+        seen_folds: set[int] = set()
         with meta.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise RecipeError(f"data.path: {meta} lacks the column(s) {', '.join(missing)}")
-            seen_folds: set[int] = set()
-            for line, row in enumerate(reader, 2):
-                rid = Path(row["filename"]).stem or f"line-{line}"
-                try:
-                    fold = int(row["fold"])
-                except ValueError:
-                    yield BadRecord(rid, f"{meta.name} line {line}: fold {row['fold']!r} is not a number", o.modality)
-                    continue
-                if (folds is not None and fold not in folds) or (o.esc10 and row.get("esc10") != "True"):
-                    continue
-                seen_folds.add(fold)
-                path = self.root / o.audio_dir / row["filename"]
-                if not path.is_file():
-                    yield BadRecord(rid, f"missing file: {path}", o.modality)
-                    continue
-                self.counts["clips"] = self.counts.get("clips", 0) + 1
-                yield Record(id=rid, group=row.get("src_file") or rid, items={o.modality: str(path)},
-                             label=row["category"].strip() or None)
+            for rec in unique_ids(self._clips(reader, meta, folds, seen_folds)):
+                if isinstance(rec, Record):
+                    self.counts["clips"] = self.counts.get("clips", 0) + 1
+                yield rec
         if folds is not None and (absent := folds - seen_folds):
             raise RecipeError(f"data.folds: fold(s) {sorted(absent)} have no clips in {meta}")
+
+    def _clips(self, reader: csv.DictReader, meta: Path, folds: set[int] | None,
+               seen_folds: set[int]) -> Iterator[Record | BadRecord]:
+        """The records of the metadata rows in the chosen folds; adds each fold met to ``seen_folds``."""
+        o = self.options
+        for line, row in enumerate(reader, 2):
+            # a short row's missing cells are None
+            filename = row["filename"] or ""
+            rid = Path(filename).stem or f"line-{line}"
+            try:
+                fold = int(row["fold"])
+            except (TypeError, ValueError):
+                yield BadRecord(rid, f"{meta.name} line {line}: fold {row['fold']!r} is not a number", o.modality)
+                continue
+            if (folds is not None and fold not in folds) or (o.esc10 and row.get("esc10") != "True"):
+                continue
+            seen_folds.add(fold)
+            path = self.root / o.audio_dir / filename
+            if not path.is_file():
+                yield BadRecord(rid, f"missing file: {path}", o.modality)
+                continue
+            yield make_record(rid, {o.modality: str(path)}, row.get("src_file"), (row["category"] or "").strip())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +35,7 @@ from coembed.media import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SILENCE_DB, SILENCE
                            safe_text)
 from coembed.registry import Adapter, BadItem
 from coembed.recipe import Recipe
-from coembed.store import DEFAULT_CACHE_DIR, EmbeddingStore, Lookup, item_key
+from coembed.store import EmbeddingStore, Lookup, item_key, store_root
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,6 @@ def usable_workers(requested: int) -> int:
                  requested, cores, cores)
         return cores
     return requested
-
-
-def store_root(recipe: Recipe) -> Path:
-    """The embedding store folder a recipe uses (``extraction.cache_dir`` or the default)."""
-    cache_dir = recipe.extraction.cache_dir
-    return recipe.resolve_path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
 
 
 def extract_with_recipe(adapter: Adapter, ids: Sequence[str], items: Sequence[Any], recipe: Recipe,
@@ -225,11 +220,9 @@ def extract(
         result.missing = [n for n in result.missing if n not in refused]
     _judge_silence(result, checks)
     stats.bad = len(result.errors) + len(result.missing)
-    for reason in result.errors.values():
-        stats.bad_reasons[reason_kind(reason)] = stats.bad_reasons.get(reason_kind(reason), 0) + 1
+    stats.bad_reasons = dict(Counter(map(reason_kind, result.errors.values())))
     stats.flagged = len(result.flags)
-    for reason in result.flags.values():
-        stats.flagged_reasons[reason_kind(reason)] = stats.flagged_reasons.get(reason_kind(reason), 0) + 1
+    stats.flagged_reasons = dict(Counter(map(reason_kind, result.flags.values())))
     return result, stats
 
 

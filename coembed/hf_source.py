@@ -23,8 +23,9 @@ from typing import Any, Iterator
 
 from pydantic import Field, model_validator
 
-from coembed.data import BadRecord, Record, Source, SourceOptions, modality_kinds, register_source
-from coembed.media import MediaRef, safe_text
+from coembed.data import (BadRecord, Record, Source, SourceOptions, make_record, modality_kinds, record_id,
+                          register_source, unique_ids)
+from coembed.media import MediaRef
 
 log = logging.getLogger(__name__)
 
@@ -169,21 +170,18 @@ class HFDatasetSource(Source):
                 per_modality[modality] = values(column) or []
             else:  # media: a reference per present cell, fetched and decoded in the extraction workers
                 one = ds.select_columns([column])
-                present = pc.is_null(arrow[column]).to_numpy(zero_copy_only=False)
+                nulls = pc.is_null(arrow[column]).to_numpy(zero_copy_only=False)
                 per_modality[modality] = [None if null else DatasetCell(one, row, column, origin)
-                                          for row, null in enumerate(present)]
-        seen: set[str] = set()
-        for row in range(n):
-            if ids is not None and ids[row] is None:
-                yield BadRecord(f"row-{row}", f"no value in id column {o.id_column!r}")
-                continue
-            rid = safe_text(str(ids[row])) if ids is not None else str(row)
-            if rid in seen:
-                yield BadRecord(rid, "duplicate id")
-                continue
-            seen.add(rid)
-            items = {m: v[row] for m, v in per_modality.items() if v[row] is not None and v[row] != ""}
-            group = groups[row] if groups is not None and groups[row] is not None else rid
-            label = labels[row] if labels is not None else None
-            yield Record(id=rid, group=safe_text(str(group)), items=items,
-                         label=None if label is None else safe_text(str(label)))
+                                          for row, null in enumerate(nulls)]
+
+        def records() -> Iterator[Record | BadRecord]:
+            for row in range(n):
+                rid = record_id(ids[row]) if ids is not None else str(row)
+                if rid is None:
+                    yield BadRecord(f"row-{row}", f"no value in id column {o.id_column!r}")
+                    continue
+                items = {m: v[row] for m, v in per_modality.items() if v[row] is not None and v[row] != ""}
+                yield make_record(rid, items, groups[row] if groups is not None else None,
+                                  labels[row] if labels is not None else None)
+
+        yield from unique_ids(records())

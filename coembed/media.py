@@ -8,9 +8,11 @@ data sources agree on what a bad item is. Failures raise
 from __future__ import annotations
 
 import enum
+import errno
 import io
 import math
 import os
+import stat
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -135,20 +137,37 @@ class Waveform:
         return len(self.samples) / float(self.sample_rate)
 
 
-def check_file(path: str | os.PathLike) -> Path:
-    """``path`` as a :class:`Path`; :class:`BadItem` when its name is not UTF-8, or it is missing,
-    not a regular file, or empty."""
+#: ``os.stat`` errors that mean "no such file" (those :meth:`Path.exists` answers ``False`` to).
+_MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+
+
+def stat_file(path: str | os.PathLike) -> os.stat_result:
+    """``os.stat(path)`` in one call; :class:`BadItem` when its name is not UTF-8, or it is missing,
+    not a regular file, empty or unreadable."""
     check_path_name(path)
-    p = Path(path)
-    if not p.exists():
-        raise BadItem(f"missing file: {os.fsdecode(p)!r}")
-    if not p.is_file():
-        raise BadItem(f"not a file: {os.fsdecode(p)!r}")
-    if p.stat().st_size == 0:
+    try:
+        st = os.stat(path)
+    except ValueError:  # an embedded null byte
+        st = None
+    except OSError as exc:
+        if exc.errno not in _MISSING_ERRNOS:
+            raise
+        st = None
+    if st is None:
+        raise BadItem(f"missing file: {os.fsdecode(path)!r}")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadItem(f"not a file: {os.fsdecode(path)!r}")
+    if st.st_size == 0:
         raise BadItem("zero-byte file")
-    if not os.access(p, os.R_OK):
-        raise BadItem(f"unreadable file (permission denied): {os.fsdecode(p)!r}")
-    return p
+    if not os.access(path, os.R_OK):
+        raise BadItem(f"unreadable file (permission denied): {os.fsdecode(path)!r}")
+    return st
+
+
+def check_file(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`Path`, after the checks of :func:`stat_file`."""
+    stat_file(path)
+    return Path(path)
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -174,14 +193,29 @@ def resample(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarra
     return resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
 
 
-def _decode_audio_av(source: Any, start: float = 0.0, duration: float | None = None) -> Waveform:
+def open_media(source: Any) -> Any:
+    """``av.open(source)``; :class:`BadItem` for input that is not media. Use as a context manager."""
     import av
 
     try:
-        container = av.open(source)
+        return av.open(source)
     except Exception as exc:  # av raises many error types for non-media input
         raise BadItem(f"not a readable media file ({type(exc).__name__})") from exc
-    with container:
+
+
+def video_stream(container: Any) -> Any:
+    """The container's first video stream that is a video, not a cover image (audio files with album
+    art store one as a video stream); ``None`` when it has none."""
+    import av
+
+    return next((s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic),
+                None)
+
+
+def _decode_audio_av(source: Any, start: float = 0.0, duration: float | None = None) -> Waveform:
+    import av
+
+    with open_media(source) as container:
         if not container.streams.audio:
             raise BadItem("no audio stream")
         stream = container.streams.audio[0]
@@ -245,10 +279,9 @@ def load_audio(
     elif isinstance(item, (bytes, bytearray, memoryview)):
         if len(item) == 0:
             raise BadItem("empty audio bytes")
-        wave = _decode_audio_bytes(bytes(item))
+        wave = _decode_audio_file(bytes(item))
     elif isinstance(item, (str, os.PathLike)):
-        path = check_file(item)
-        wave = _decode_audio_path(path)
+        wave = _decode_audio_file(str(check_file(item)))
     else:
         array = _as_numpy(item)
         if array is None:
@@ -279,24 +312,18 @@ def _as_numpy(item: Any) -> np.ndarray | None:
     return None
 
 
-def _decode_audio_path(path: Path) -> Waveform:
+def _decode_audio_file(data: str | bytes) -> Waveform:
+    """A whole audio file (a path, or its bytes): soundfile first, FFmpeg for what soundfile cannot read."""
     import soundfile as sf
 
-    try:
-        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        return Waveform(to_mono(samples), int(rate))
-    except Exception:
-        return _decode_audio_av(str(path))
-
-
-def _decode_audio_bytes(data: bytes) -> Waveform:
-    import soundfile as sf
+    def source() -> Any:
+        return io.BytesIO(data) if isinstance(data, bytes) else data
 
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        samples, rate = sf.read(source(), dtype="float32", always_2d=True)
         return Waveform(to_mono(samples), int(rate))
     except Exception:
-        return _decode_audio_av(io.BytesIO(data))
+        return _decode_audio_av(source())
 
 
 def audio_level_db(samples: np.ndarray) -> float:
@@ -403,14 +430,10 @@ def read_video_frame(frame: VideoFrame):
     import av
 
     check_file(frame.path)
-    try:
-        container = av.open(frame.path)
-    except Exception as exc:
-        raise BadItem(f"not a readable media file ({type(exc).__name__})") from exc
-    with container:
-        if not container.streams.video:
+    with open_media(frame.path) as container:
+        stream = video_stream(container)
+        if stream is None:
             raise BadItem("no video stream")
-        stream = container.streams.video[0]
         target = frame.time
         best = None
         try:

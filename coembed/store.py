@@ -31,23 +31,37 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from coembed.media import AudioSegment, MediaRef, VideoFrame, safe_text
+
+if TYPE_CHECKING:
+    from coembed.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("COEMBED_CACHE", "~/.cache/coembed")).expanduser() / "embeddings"
 
 
-def _file_identity(path: str) -> str:
+def store_root(recipe: "Recipe") -> Path:
+    """The embedding store folder a recipe uses (``extraction.cache_dir`` or the default)."""
+    cache_dir = recipe.extraction.cache_dir
+    return recipe.resolve_path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
+
+
+def _stat_identity(path: str) -> str | None:
+    """A file's path, size and mtime; ``None`` when it cannot be stat'ed."""
     try:
         st = os.stat(path)
-        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
     except (OSError, ValueError):
-        return f"{path}|missing"
+        return None
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _file_identity(path: str) -> str:
+    return _stat_identity(path) or f"{path}|missing"
 
 
 def content_identity(item: Any) -> str:
@@ -61,8 +75,8 @@ def content_identity(item: Any) -> str:
         return "file|" + _file_identity(os.fspath(item))
     if isinstance(item, str):
         # a manifest's file column holds absolute paths by now; text is text
-        if os.path.isabs(item) and os.path.exists(item):
-            return "file|" + _file_identity(item)
+        if os.path.isabs(item) and (identity := _stat_identity(item)) is not None:
+            return "file|" + identity
         return "text|" + hashlib.sha256(item.encode("utf-8", "surrogatepass")).hexdigest()
     if isinstance(item, (bytes, bytearray, memoryview)):
         return "bytes|" + hashlib.sha256(bytes(item)).hexdigest()
@@ -126,8 +140,9 @@ class EmbeddingStore:
         if not meta_path.exists():
             _atomic_write_text(meta_path, json.dumps({"fingerprint": fingerprint, "dim": dim, **(meta or {})},
                                                      indent=2))
+        # what the shards hold, read on first use: key -> row, and per row its embedding, error and notes
         self._index: dict[str, int] | None = None
-        self._matrix = np.zeros((0, dim), np.float32)
+        self._parts: list[np.ndarray] = []  # the rows' embeddings, one block per shard until joined
         self._errors: list[str | None] = []
         self._notes: list[str | None] = []
 
@@ -161,13 +176,11 @@ class EmbeddingStore:
             "error": Value("string"),
             "notes": Value("string"),
         })
-        table = Dataset.from_dict(
-            {"key": list(keys), "id": [safe_text(str(i)) for i in ids],
-             "embedding": np.nan_to_num(np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)),
-             "error": [None if e is None else safe_text(e) for e in errors],
-             "notes": [json.dumps(n) if n else None for n in (notes or [None] * len(keys))]},
-            features=features,
-        )
+        columns = {"key": list(keys), "id": [safe_text(str(i)) for i in ids],
+                   "embedding": np.nan_to_num(np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)),
+                   "error": [None if e is None else safe_text(e) for e in errors],
+                   "notes": [json.dumps(n) if n else None for n in (notes or [None] * len(keys))]}
+        table = Dataset.from_dict(columns, features=features)
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         tmp = self.dir / f".tmp-{_host()}-{os.getpid()}-{name}"
         try:
@@ -178,7 +191,8 @@ class EmbeddingStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(self.dir)
-        self._index = None
+        if self._index is not None:  # the shards already read plus this one: no need to read them all again
+            self._add(columns["key"], columns["embedding"], columns["error"], columns["notes"])
         return self.dir / name
 
     # -- reading --------------------------------------------------------------------
@@ -190,10 +204,7 @@ class EmbeddingStore:
         if self._index is None:
             from datasets import load_from_disk
 
-            matrices: list[np.ndarray] = []
-            errors: list[str | None] = []
-            notes: list[str | None] = []
-            keys: list[str] = []
+            self._index, self._parts, self._errors, self._notes = {}, [], [], []
             for shard in self.shards():
                 try:
                     table = load_from_disk(str(shard)).data  # pyarrow, memory-mapped
@@ -203,19 +214,25 @@ class EmbeddingStore:
                     log.warning("skipping unreadable store shard %s (%s: %s); its items will be encoded again",
                                 shard, type(exc).__name__, exc)
                     continue
-                matrices.append(matrix)
-                errors.extend(table.column("error").to_pylist())
-                notes.extend(table.column("notes").to_pylist() if "notes" in table.column_names
-                             else [None] * table.num_rows)
-                keys.extend(table.column("key").to_pylist())
-            self._matrix = np.concatenate(matrices) if matrices else np.zeros((0, self.dim), np.float32)
-            self._errors = errors
-            self._notes = notes
-            index: dict[str, int] = {}
-            for row, key in enumerate(keys):
-                index.setdefault(key, row)
-            self._index = index
+                self._add(table.column("key").to_pylist(), matrix, table.column("error").to_pylist(),
+                          table.column("notes").to_pylist() if "notes" in table.column_names
+                          else [None] * table.num_rows)
         return self._index
+
+    def _add(self, keys: list[str], matrix: np.ndarray, errors: list[str | None], notes: list[str | None]) -> None:
+        """Append one shard's rows to what was read; a key already present keeps its older row."""
+        assert self._index is not None
+        for row, key in enumerate(keys, len(self._errors)):
+            self._index.setdefault(key, row)
+        self._parts.append(matrix)
+        self._errors.extend(errors)
+        self._notes.extend(notes)
+
+    def _matrix(self) -> np.ndarray:
+        """The embeddings of every row read, as one ``[rows, dim]`` array."""
+        if len(self._parts) != 1:
+            self._parts = [np.concatenate(self._parts) if self._parts else np.zeros((0, self.dim), np.float32)]
+        return self._parts[0]
 
     def keys(self) -> set[str]:
         return set(self._load())
@@ -229,7 +246,7 @@ class EmbeddingStore:
         rows = np.array([index.get(k, -1) for k in keys], dtype=np.int64)
         present = rows >= 0
         vectors = np.zeros((len(keys), self.dim), dtype=np.float32)
-        vectors[present] = self._matrix[rows[present]]
+        vectors[present] = self._matrix()[rows[present]]
         errors = {i: self._errors[r] for i, r in enumerate(rows) if r >= 0 and self._errors[r] is not None}
         notes = {i: json.loads(self._notes[r]) for i, r in enumerate(rows) if r >= 0 and self._notes[r]}
         ok = present.copy()

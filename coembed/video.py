@@ -36,7 +36,7 @@ from typing import Any, Iterator, Literal
 from pydantic import Field, PositiveInt, field_validator
 
 from coembed.data import BadRecord, Record, Source, SourceOptions, register_source
-from coembed.media import AudioSegment, VideoFrame, check_file, safe_text
+from coembed.media import AudioSegment, VideoFrame, open_media, safe_text, stat_file, video_stream
 from coembed.registry import BadItem
 
 log = logging.getLogger(__name__)
@@ -117,14 +117,8 @@ def probe_video(path: str) -> VideoProbe:
     Raises :class:`BadItem` for a file that is not media or whose data ends
     before the duration its header states (a truncated download).
     """
-    import av
-
-    try:
-        container = av.open(path)
-    except Exception as exc:  # av raises many error types for non-media input
-        raise BadItem(f"not a readable media file ({type(exc).__name__})") from exc
-    with container:
-        video = next((s for s in container.streams.video if not _is_attached_picture(s)), None)
+    with open_media(path) as container:
+        video = video_stream(container)
         audio = container.streams.audio[0] if container.streams.audio else None
         streams = [s for s in (video, audio) if s is not None]
         if not streams:
@@ -143,13 +137,6 @@ def probe_video(path: str) -> VideoProbe:
             return (_start_of(container, stream), ends[stream.index])
 
         return VideoProbe(span(video), span(audio))
-
-
-def _is_attached_picture(stream: Any) -> bool:
-    """A cover image stored as a video stream (audio files with album art) is no video."""
-    import av
-
-    return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
 def _start_of(container: Any, stream: Any) -> float:
@@ -267,8 +254,7 @@ def _probe_job(video: _Video, folder: Path, cache: _ProbeCache) -> _Outcome:
     """Check and probe one video; the second value is the cache key when the result is new."""
     assert video.path is not None
     try:
-        check_file(video.path)
-        st = os.stat(video.path)
+        st = stat_file(video.path)
     except BadItem as exc:  # missing, empty, unreadable, a bad name: cheap to find again, never cached
         return safe_text(str(exc)), None
     except OSError as exc:
@@ -432,12 +418,10 @@ class VideoFolderSource(Source):
         return out
 
     def _cache_file(self, folder: Path) -> Path:
-        from coembed.store import DEFAULT_CACHE_DIR
+        from coembed.store import store_root
 
-        cache_dir = self.recipe.extraction.cache_dir
-        root = self.recipe.resolve_path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
         digest = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:16]
-        return root / ".probes" / f"{digest}.jsonl"
+        return store_root(self.recipe) / ".probes" / f"{digest}.jsonl"
 
     def _pairs(self, video: _Video, probe: VideoProbe) -> Iterator[Record | BadRecord]:
         """The records of one probed video, or the reason it has none."""

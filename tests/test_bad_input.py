@@ -201,3 +201,23 @@ def _grey16_png(path):
     ramp = (np.linspace(0, 60000, 32 * 24).reshape(24, 32)).astype(np.uint16)
     Image.fromarray(ramp).save(path)  # uint16 -> mode I;16
     return path
+
+
+def test_a_cover_image_is_not_the_video_and_a_folder_is_not_a_file(tmp_path):
+    from types import SimpleNamespace
+
+    import av
+
+    from coembed.media import stat_file, video_stream
+    from coembed.registry import BadItem
+
+    cover = SimpleNamespace(disposition=av.stream.Disposition.attached_pic)
+    moving = SimpleNamespace(disposition=av.stream.Disposition.default)
+    assert video_stream(SimpleNamespace(streams=SimpleNamespace(video=[cover, moving]))) is moving
+    assert video_stream(SimpleNamespace(streams=SimpleNamespace(video=[cover]))) is None
+    with pytest.raises(BadItem, match="not a file"):
+        stat_file(tmp_path)
+    with pytest.raises(BadItem, match="missing file"):
+        stat_file(tmp_path / "nothing" / "here.wav")
+    with pytest.raises(BadItem, match="missing file"):
+        load_audio(str(write_wav(tmp_path / "a.wav")) + "/below", 16000)  # a file used as a folder

@@ -84,3 +84,42 @@ def test_bad_fraction_threshold():
     with pytest.raises(RuntimeError, match="6 of 10 items are bad"):
         check_bad_fraction(6, 10, 0.5)
     check_bad_fraction(0, 0, 0.0)
+
+
+def test_a_numeric_id_or_group_is_text_and_a_blank_label_is_none(tmp_path):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": 0, "group": 0, "label": "", "text": "x"}) + "\n"
+                                      + json.dumps({"id": " 1 ", "group": "", "label": 0, "text": "y"}) + "\n")
+    out = _records(read_manifest_rows(tmp_path / "m.jsonl"), tmp_path)
+    assert [(r.id, r.group, r.label) for r in out] == [("0", "0", None), ("1", "1", "0")]  # id 0 is no missing id
+
+
+def test_a_damaged_stamp_of_generated_media_makes_them_again(tmp_path, monkeypatch):
+    from _toy_adapter import register_toys, toy_recipe
+    from coembed.data import build_source
+
+    register_toys(tmp_path, monkeypatch)
+    recipe = toy_recipe(tmp_path, {"source": "generated", "path": "gen", "classes": 2, "items_per_class": 1,
+                                   "image_size": 16, "audio_seconds": 1.0})
+    first = list(build_source(recipe))
+    (tmp_path / "gen" / "generated.json").write_text('{"clas')  # a run killed while writing it
+    assert list(build_source(recipe)) == first
+    assert json.loads((tmp_path / "gen" / "generated.json").read_text())["classes"] == 2
+
+
+def test_esc50_rows_that_are_short_or_repeated_are_bad_records(tmp_path, monkeypatch):
+    from _media import write_wav
+    from _toy_adapter import register_toys, toy_recipe
+    from coembed.data import build_source
+
+    register_toys(tmp_path, monkeypatch)
+    write_wav(tmp_path / "esc" / "audio" / "1-1-A-0.wav")
+    (tmp_path / "esc" / "meta").mkdir()
+    (tmp_path / "esc" / "meta" / "esc50.csv").write_text(
+        "filename,fold,target,category,esc10,src_file,take\n"
+        "1-1-A-0.wav,1,0,dog,True,1,A\n"
+        "1-2-A-0.wav\n"                       # cut short: no fold, no category
+        "1-1-A-0.wav,1,0,dog,True,1,A\n")     # the same clip again
+    out = list(build_source(toy_recipe(tmp_path, {"source": "esc50", "path": "esc"})))
+    assert [(r.id, r.group, r.label) for r in out if isinstance(r, Record)] == [("1-1-A-0", "1", "dog")]
+    assert [(r.id, r.reason) for r in out if isinstance(r, BadRecord)] == [
+        ("1-2-A-0", "esc50.csv line 3: fold None is not a number"), ("1-1-A-0", "duplicate id")]

@@ -175,3 +175,17 @@ def test_bad_options_fail_before_any_work(tmp_path, toys):
         list(build_source(toy_recipe(tmp_path, {"source": "hf_dataset", "path": "dd", "dataset_split": "validation"})))
     with pytest.raises(RecipeError, match="not found"):
         list(build_source(toy_recipe(tmp_path, {"source": "hf_dataset", "path": "nowhere"})))
+
+
+def test_blank_ids_groups_and_labels_follow_the_manifest_rules(tmp_path, toys):
+    import datasets
+
+    datasets.Dataset.from_dict({"uid": ["a", "", None, " a ", "b"], "grp": ["", "g", None, "x", None],
+                                "lab": ["", "dog", None, "cat", "cat"]}).save_to_disk(str(tmp_path / "ds"))
+    recipe = toy_recipe(tmp_path, {"source": "hf_dataset", "path": "ds", "id_column": "uid",
+                                   "group_column": "grp", "label_column": "lab"})
+    out = list(build_source(recipe))
+    assert [(r.id, r.group, r.label) for r in out if isinstance(r, Record)] == [("a", "a", None),
+                                                                                 ("b", "b", "cat")]
+    assert [(r.id, r.reason) for r in out if isinstance(r, BadRecord)] == [
+        ("row-1", "no value in id column 'uid'"), ("row-2", "no value in id column 'uid'"), ("a", "duplicate id")]

@@ -184,3 +184,23 @@ def test_limits_are_not_cached_and_silence_is_judged_at_each_run_without_encodin
                             progress=False)
     assert lookup.ok.tolist() == [False, True] and "dropped" in lookup.errors[0]
     assert stats.bad_reasons == {"silent audio": 1} and stats.cached == 2
+
+
+def test_a_write_after_reading_adds_its_shard_without_reading_every_shard_again(tmp_path, monkeypatch):
+    import datasets
+
+    store = EmbeddingStore(tmp_path, "fp", 4)
+    store.write_shard(["a", "b"], ["ra", "rb"], np.full((2, 4), 1.0), [None, "bad"], [{"audio_db": -10.0}, None])
+    assert store.keys() == {"a", "b"}
+    monkeypatch.setattr(datasets, "load_from_disk", lambda *a, **k: pytest.fail("shards read again"))
+    store.write_shard(["b", "c"], ["rb", "rc"], np.array([[2.0] * 4, [np.nan] * 4]), [None, None],
+                      [None, {"audio_db": -20.0}])
+    keys = ["a", "b", "c", "d"]
+    got = store.lookup(keys)
+    monkeypatch.undo()
+    fresh = EmbeddingStore(tmp_path, "fp", 4).lookup(keys)  # what a reader of the shards on disk sees
+    np.testing.assert_array_equal(got.vectors, fresh.vectors)
+    assert (got.ok.tolist(), got.errors, got.missing, got.notes) == (fresh.ok.tolist(), fresh.errors, fresh.missing,
+                                                                     fresh.notes)
+    assert got.ok.tolist() == [True, False, True, False] and got.errors == {1: "bad"} and got.missing == [3]
+    assert got.notes == {0: {"audio_db": -10.0}, 2: {"audio_db": -20.0}} and len(store) == 3
