@@ -85,11 +85,11 @@ def train(recipe: Path, overrides: tuple[str, ...], run_dir: Path | None, no_pro
     except (RecipeError, AdapterError) as exc:
         _fail(str(exc))
     from coembed.data import TooManyBadItems
-    from coembed.run import train_recipe
+    from coembed.run import TooFewPairs, train_recipe
 
     try:
         result = train_recipe(parsed, run_dir=run_dir, progress=not no_progress)
-    except (RecipeError, AdapterError, TooManyBadItems) as exc:
+    except (RecipeError, AdapterError, TooManyBadItems, TooFewPairs) as exc:
         _fail(str(exc))
     from coembed.evaluation import headline
 

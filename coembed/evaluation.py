@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from coembed.data import BadRecord, Record
     from coembed.model import CoEmbedder
     from coembed.recipe import DataConfig, ExtractionConfig, Recipe
+    from coembed.store import Lookup
 
 RECALL_KS = (1, 5, 10)
 
@@ -200,6 +201,12 @@ def ranking_metrics(ranking: Ranking, ks: tuple[int, ...] = RECALL_KS) -> dict[s
     return out
 
 
+def ranking_metric_names(ks: tuple[int, ...] = RECALL_KS) -> list[str]:
+    """The keys :func:`ranking_metrics` returns (``R@1``, ``mAP``, ``chance/mAP``, ...)."""
+    one = torch.ones(1, dtype=torch.long)
+    return list(ranking_metrics(Ranking(one, one.float(), one, 1), ks))
+
+
 def encode_labels(labels: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
     """String labels -> integer ids (indices into the sorted class list) and that class list."""
     classes = sorted(set(labels))
@@ -271,6 +278,11 @@ def paired_retrieval(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str,
                 for key, value in ranking_metrics(ranking).items():
                     out[f"{qn}->{gn}/class/{key}"] = value
     return out
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (a metric or history key) is the better one."""
+    return metric.endswith(("median_rank", "loss"))
 
 
 def _direction_r1(metrics: dict[str, float]) -> dict[str, float]:
@@ -355,13 +367,20 @@ def embed_records(model: "CoEmbedder", recipe: "Recipe", modality: str, records:
     from coembed.extraction import extract_with_recipe
 
     held = [r for r in records if modality in r.items]
-    lookup, _ = extract_with_recipe(model.adapter(modality), [r.id for r in held],
-                                    [r.items[modality] for r in held], recipe, progress)
-    bad = [{"id": held[i].id, "modality": modality, "reason": reason} for i, reason in sorted(lookup.errors.items())]
-    bad += [{"id": held[i].id, "modality": modality, "reason": "missing from the store"} for i in lookup.missing]
+    ids = [r.id for r in held]
+    lookup, _ = extract_with_recipe(model.adapter(modality), ids, [r.items[modality] for r in held], recipe,
+                                    progress)
     rows = np.flatnonzero(lookup.ok)
     vectors = model.project(modality, lookup.vectors[rows]).cpu()
-    return EmbeddedItems([held[i].id for i in rows], vectors, [held[i].label for i in rows], bad)
+    return EmbeddedItems([ids[i] for i in rows], vectors, [held[i].label for i in rows],
+                         unusable_items(ids, modality, lookup))
+
+
+def unusable_items(ids: Sequence[str], modality: str, lookup: "Lookup") -> list[dict[str, Any]]:
+    """``{"id", "modality", "reason"}`` for every item of a store lookup (``ids[i]`` is row ``i``) that
+    failed or is missing from the store."""
+    rows = [{"id": ids[i], "modality": modality, "reason": reason} for i, reason in sorted(lookup.errors.items())]
+    return rows + [{"id": ids[i], "modality": modality, "reason": "missing from the store"} for i in lookup.missing]
 
 
 def retrieval_on_data(model: "CoEmbedder", recipe: "Recipe", pairs: Sequence[tuple[str, str]],

@@ -124,7 +124,7 @@ def build_figure_sample(config: "EvalConfig", dataset: "Dataset", embedded: dict
     random training pairs per pair type."""
     rng = random.Random(seed)
     usable = [r for r in dataset.validation
-              if any(m in embedded and _ok_row(embedded[m], r.id) is not None for m in r.items)]
+              if any(m in embedded and embedded[m].ok_row(r.id) is not None for m in r.items)]
     labelled = any(r.label is not None for r in usable)
     label_of = {r.id: (r.label if labelled else UNLABELLED) for r in usable}
     classes = set(figure_classes([label_of[r.id] for r in usable], config.figure_classes))
@@ -134,7 +134,7 @@ def build_figure_sample(config: "EvalConfig", dataset: "Dataset", embedded: dict
         chosen += sorted(rng.sample(ids, min(len(ids), config.figure_items_per_class)))
     sample = FigureSample(pairs=[(p.a, p.b) for p in pairs])
     for m, e in embedded.items():
-        rows = [(rid, row) for rid in chosen if (row := _ok_row(e, rid)) is not None]
+        rows = [(rid, row) for rid in chosen if (row := e.ok_row(rid)) is not None]
         if rows:
             sample.vectors[m] = e.lookup.vectors[[row for _, row in rows]]
             sample.ids[m] = [rid for rid, _ in rows]
@@ -144,11 +144,6 @@ def build_figure_sample(config: "EvalConfig", dataset: "Dataset", embedded: dict
         picked = sorted(rng.sample(range(n), min(n, config.figure_pairs)))
         sample.train_pairs[p.name] = (p.train_a[picked].cpu().numpy(), p.train_b[picked].cpu().numpy())
     return sample
-
-
-def _ok_row(embedded: "Embedded", record_id: str) -> int | None:
-    row = embedded.row_of.get(record_id)
-    return row if row is not None and bool(embedded.lookup.ok[row]) else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,6 +259,8 @@ def plot_pairs(points_a: np.ndarray, points_b: np.ndarray, name_a: str, name_b: 
 
 def plot_history(history: list[dict[str, float]], select_metric: str, path: Path) -> Path:
     """Training loss and validation R@1 (every direction, and the selection metric) per epoch."""
+    from coembed.evaluation import lower_is_better
+
     epochs = [row["epoch"] for row in history]
     fig = _figure(10.0, 4.0)
     loss_ax, val_ax = fig.subplots(1, 2)
@@ -280,8 +277,7 @@ def plot_history(history: list[dict[str, float]], select_metric: str, path: Path
     if history and select_metric in history[0]:
         values = np.array([row[select_metric] for row in history], dtype=float)
         if not np.all(np.isnan(values)):
-            lower = select_metric.endswith(("median_rank", "loss"))
-            best = int(np.nanargmin(values) if lower else np.nanargmax(values))
+            best = int(np.nanargmin(values) if lower_is_better(select_metric) else np.nanargmax(values))
             for ax in (loss_ax, val_ax):
                 ax.axvline(epochs[best], color="0.5", ls="--", lw=0.8)
             right_half = best >= len(epochs) / 2

@@ -245,11 +245,27 @@ def validate_adapters(recipe: Recipe) -> None:
         raise RecipeError("invalid recipe:\n" + "\n".join(problems))
 
 
+def validate_training(recipe: Recipe) -> None:
+    """Check what training would otherwise refuse only after extraction: a head to train, the select metric."""
+    from coembed.training import metric_names
+
+    problems = []
+    if all(cfg.head.type == "identity" for cfg in recipe.modalities.values()):
+        problems.append("  modalities: every head is an identity head, so nothing can be trained; "
+                        "give a modality a linear or mlp head")
+    if recipe.train.select_metric not in (known := metric_names(recipe.pairs)):
+        problems.append(f"  train.select_metric: {recipe.train.select_metric!r} is not a validation metric; "
+                        f"known: {', '.join(known)}")
+    if problems:
+        raise RecipeError("invalid recipe:\n" + "\n".join(problems))
+
+
 def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".", check_adapters: bool = True) -> Recipe:
     try:
         recipe = Recipe.model_validate({**data, "base_dir": str(base_dir)})
     except ValidationError as exc:
         raise RecipeError("invalid recipe:\n" + _format_errors(exc)) from None
+    validate_training(recipe)
     if check_adapters:
         validate_adapters(recipe)
     from coembed.data import validate_source_options

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from coembed.data import Dataset, Record, check_bad_fraction, load_dataset, reason_kind
-from coembed.evaluation import duplicate_groups, headline
+from coembed.evaluation import duplicate_groups, headline, unusable_items
 from coembed.extraction import ExtractionStats, extract_with_recipe, store_root
 from coembed.heads import build_head
 from coembed.model import CoEmbedder
-from coembed.recipe import Recipe
+from coembed.recipe import Recipe, RecipeError
 from coembed.registry import Adapter, create_adapter, resolve_key
 from coembed.report import publish_run
 from coembed.store import Lookup, content_identity
@@ -46,6 +46,10 @@ from coembed.zeroshot import run_recipe_zero_shot
 
 log = logging.getLogger("coembed")
 epoch_log = logging.getLogger("coembed.epochs")  # DEBUG: in train.log; on the console only with --verbose
+
+
+class TooFewPairs(RuntimeError):
+    """A pair type has fewer than 2 usable training pairs."""
 
 
 @dataclass
@@ -82,6 +86,20 @@ def build_adapters(recipe: Recipe) -> dict[str, Adapter]:
             for m, cfg in recipe.modalities.items()}
 
 
+def build_heads(recipe: Recipe, adapters: dict[str, Adapter]) -> torch.nn.ModuleDict:
+    """Every modality's head, initialised from the recipe's seed; a head that cannot map its encoder's
+    dimension to the anchor's is a :class:`RecipeError`."""
+    anchor_dim = adapters[recipe.anchor].dim
+    torch.manual_seed(recipe.seed)
+    heads = torch.nn.ModuleDict()
+    for m, cfg in recipe.modalities.items():
+        try:
+            heads[m] = build_head(cfg.head, adapters[m].dim, anchor_dim)
+        except ValueError as exc:
+            raise RecipeError(f"invalid recipe:\n  modalities.{m}.head: {exc}") from None
+    return heads
+
+
 def trained_modalities(recipe: Recipe) -> list[str]:
     return sorted({m for pair in recipe.pairs for m in pair}, key=list(recipe.modalities).index)
 
@@ -93,6 +111,11 @@ class Embedded:
     row_of: dict[str, int]     # record id -> row
     lookup: Lookup
     stats: ExtractionStats
+
+    def ok_row(self, record_id: str) -> int | None:
+        """The row of the record's item when it is usable (held and embedded), else None."""
+        row = self.row_of.get(record_id)
+        return row if row is not None and bool(self.lookup.ok[row]) else None
 
 
 def extract_all(recipe: Recipe, adapters: dict[str, Adapter], dataset: Dataset,
@@ -119,8 +142,8 @@ def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Embedd
         for split in (dataset.train, dataset.validation):
             rows_a, rows_b, paired = [], [], []
             for r in split:
-                ia, ib = embedded[a].row_of.get(r.id), embedded[b].row_of.get(r.id)
-                if ia is not None and ib is not None and embedded[a].lookup.ok[ia] and embedded[b].lookup.ok[ib]:
+                ia, ib = embedded[a].ok_row(r.id), embedded[b].ok_row(r.id)
+                if ia is not None and ib is not None:
                     rows_a.append(ia)
                     rows_b.append(ib)
                     paired.append(r)
@@ -133,7 +156,7 @@ def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Embedd
                        val_labels=[r.label for r in paired], val_groups=groups)
         log.info("pair type %s: %d train pairs, %d validation pairs", pair.name, len(pair.train_a), len(pair.val_a))
         if len(pair.train_a) < 2:
-            raise RuntimeError(f"pair type {pair.name} has {len(pair.train_a)} usable training pairs; "
+            raise TooFewPairs(f"pair type {pair.name} has {len(pair.train_a)} usable training pairs; "
                                "at least 2 are needed (see bad_items.jsonl)")
         pairs.append(pair)
     return pairs
@@ -142,9 +165,7 @@ def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Embedd
 def bad_item_rows(dataset: Dataset, embedded: dict[str, Embedded]) -> list[dict[str, Any]]:
     rows = [{"id": b.id, "modality": b.modality, "reason": b.reason} for b in dataset.bad]
     for m, e in embedded.items():
-        ids = list(e.row_of)
-        rows += [{"id": ids[i], "modality": m, "reason": reason} for i, reason in sorted(e.lookup.errors.items())]
-        rows += [{"id": ids[i], "modality": m, "reason": "missing from the store"} for i in e.lookup.missing]
+        rows += unusable_items(list(e.row_of), m, e.lookup)
     return rows
 
 
@@ -208,6 +229,7 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     for m in trained_modalities(recipe):
         adapters[m].model  # load weights first: a missing download stops the run before any work
     times["load_encoders"] = time.perf_counter() - t
+    heads = build_heads(recipe, adapters)  # before any work too: a head that cannot map its encoder stops the run
 
     t = time.perf_counter()
     dataset = load_dataset(recipe, progress=progress)
@@ -230,10 +252,6 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     check_bad_fraction(len(bad_rows), n_items, recipe.data.max_bad_fraction)
 
     pairs = build_pair_sets(recipe, dataset, embedded)
-    anchor_dim = adapters[recipe.anchor].dim
-    torch.manual_seed(recipe.seed)
-    heads = torch.nn.ModuleDict({m: build_head(cfg.head, adapters[m].dim, anchor_dim)
-                                 for m, cfg in recipe.modalities.items()})
     t = time.perf_counter()
     history_path = run_dir / "history.jsonl"
     with history_path.open("w", encoding="utf-8") as hist:
@@ -243,7 +261,8 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
             epoch_log.debug("epoch %d loss %.4f %s %.4f", row["epoch"], row["loss"], recipe.train.select_metric,
                      row.get(recipe.train.select_metric, float("nan")))
 
-        result = Trainer(heads, pairs, recipe.train, seed=recipe.seed).fit(on_epoch, progress=progress)
+        trainer = Trainer(heads, pairs, recipe.train, seed=recipe.seed)
+        result = trainer.fit(on_epoch, progress=progress)
     times["train"] = time.perf_counter() - t
 
     model = CoEmbedder.from_adapters(recipe.anchor, adapters, {m: c.head for m, c in recipe.modalities.items()},
@@ -252,8 +271,7 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     model.heads.load_state_dict(heads.state_dict())
 
     t = time.perf_counter()
-    device = next(heads.parameters()).device
-    retrieval = evaluate_pairs(heads, [p.to(device) for p in pairs], class_level=True)
+    retrieval = evaluate_pairs(trainer.heads, trainer.pairs, class_level=True)  # the pairs already on the device
     zero_shot = run_recipe_zero_shot(recipe, model, run_dir, progress)
     times["evaluate"] = time.perf_counter() - t
 

@@ -13,12 +13,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from coembed.evaluation import mean_recall_at_1, paired_retrieval
+from coembed.evaluation import lower_is_better, mean_recall_at_1, paired_retrieval, ranking_metric_names
 from coembed.losses import LearnableTemperature, info_nce
 from coembed.recipe import TrainConfig
 from coembed.registry import resolve_device
@@ -60,6 +60,18 @@ class TrainResult:
     state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
+def metric_names(pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """Every value of an epoch's history row that ``train.select_metric`` may name, for these pair types.
+
+    A direction's metrics are missing from an epoch whose pair type has fewer than 2
+    validation pairs; the epoch then counts as having no value (NaN) for them.
+    """
+    names = ["loss", "temperature", "seconds", "mean_r1"]
+    for a, b in pairs:
+        names += [f"{q}->{g}/{key}" for q, g in ((a, b), (b, a)) for key in ranking_metric_names()]
+    return names
+
+
 def evaluate_pairs(heads: nn.ModuleDict, pairs: list[PairSet], chunk_size: int = 1024,
                    class_level: bool = False) -> dict[str, float]:
     """Validation retrieval metrics of every pair type, plus ``mean_r1``.
@@ -82,10 +94,14 @@ def evaluate_pairs(heads: nn.ModuleDict, pairs: list[PairSet], chunk_size: int =
 
 
 def _better(metric: str, new: float, old: float | None) -> bool:
+    """Whether epoch value ``new`` replaces the best so far, ``old``.
+
+    Until some epoch has a value (no validation pairs: every value is NaN) the
+    latest epoch is the best, so such a run keeps its last heads.
+    """
     if old is None or math.isnan(old):
-        return not math.isnan(new)
-    lower_is_better = metric.endswith("median_rank") or metric.endswith("loss")
-    return new < old if lower_is_better else new > old
+        return True
+    return new < old if lower_is_better(metric) else new > old
 
 
 class Trainer:
@@ -138,6 +154,9 @@ class Trainer:
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         metric = self.config.select_metric
+        known = metric_names((p.a, p.b) for p in self.pairs)
+        if metric not in known:
+            raise KeyError(f"train.select_metric {metric!r} is not a validation metric; known: {', '.join(known)}")
         history: list[dict[str, float]] = []
         best_value: float | None = None
         best_epoch, best_metrics, best_state = 0, {}, self._state()
@@ -156,10 +175,7 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(row)
             value = row.get(metric, float("nan"))
-            if metric not in row:
-                raise KeyError(f"train.select_metric {metric!r} is not a validation metric; "
-                               f"known: {', '.join(k for k in row if k != 'epoch')}")
-            if _better(metric, value, best_value) or (math.isnan(value) and best_value is None):
+            if _better(metric, value, best_value):
                 best_value, best_epoch, best_metrics, best_state = value, epoch, metrics, self._state()
                 since_best = 0
             else:

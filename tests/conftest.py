@@ -1,13 +1,17 @@
-"""Shared fixtures: offline Hugging Face Hub for the whole session, and small media file writers."""
+"""Shared fixtures: offline Hugging Face Hub for the whole session, small media file writers, a toy model."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from coembed import CoEmbedder
 
 # Set before any test module imports huggingface_hub (which reads it once): tests never download.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -51,3 +55,23 @@ def tmp_png(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def toy_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CoEmbedder:
+    """A small CoEmbedder over the toy plugin adapter (fast, deterministic), for tests of the model's plumbing:
+    modalities ``anchor`` (identity head) and ``other`` (MLP head), both served by ``toy/vector``."""
+    import torch
+
+    from coembed import CoEmbedder
+    from coembed.recipe import HeadConfig
+    from coembed.registry import create_adapter
+    from plugins import TOY_ADAPTER_SOURCE, install_plugin
+
+    install_plugin(tmp_path, monkeypatch, "toy-plugin", {"toy/vector": "toy_adapter:ToyVectorAdapter"},
+                   {"toy_adapter": TOY_ADAPTER_SOURCE})
+    adapters = {"anchor": create_adapter("toy/vector", dim=8, device="cpu"),
+                "other": create_adapter("toy/vector", dim=4, seed=1, device="cpu")}
+    torch.manual_seed(0)
+    return CoEmbedder.from_adapters("anchor", adapters, {"anchor": HeadConfig(type="identity"),
+                                                         "other": HeadConfig(type="mlp", hidden_dim=6)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -73,3 +74,6 @@ class ToyVectorAdapter(Adapter):
     def _encode(self, batch):
         return self.model(batch.to(self.device))
 '''
+
+#: Two items the toy adapter reads (4 numbers each).
+VECTORS = [np.array([1.0, 0.0, 2.0, -1.0], dtype=np.float32), np.array([0.5, 0.5, -0.5, 3.0], dtype=np.float32)]

@@ -70,3 +70,21 @@ def test_quickstart_trains_well_above_chance(tmp_path):
     assert again.exit_code == 0, again.output
     extraction = json.loads((tmp_path / "run2" / "metrics.json").read_text())["extraction"]
     assert all(stats["encoded"] == 0 and stats["cached"] == stats["items"] for stats in extraction.values())
+
+
+def test_a_select_metric_typo_fails_before_any_work(tmp_path):
+    result = CliRunner().invoke(main, ["train", str(QUICKSTART), "--set", "train.select_metric=audio->image/R1",
+                                       "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 2
+    assert "train.select_metric" in result.output and "audio->image/R@1" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_head_that_cannot_map_its_encoder_fails_before_extraction(tmp_path):
+    result = CliRunner().invoke(main, [
+        "train", str(QUICKSTART), "--no-progress", "--run-dir", str(tmp_path / "run"),
+        "--set", "modalities.audio.head.type=identity", "--set", "modalities.text.head.type=linear",
+        "--set", f"data.path={tmp_path / 'media'}", "--set", f"extraction.cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 2, result.output
+    assert "modalities.audio.head" in result.output and "identity head" in result.output
+    assert not (tmp_path / "media").exists() and not (tmp_path / "cache").exists()

@@ -27,7 +27,7 @@ import coembed.hub
 from coembed import CoEmbedder, ModelLoadError
 from coembed.cli import main
 from coembed.hub import DOWNLOAD_PATTERNS
-from toy_model import VECTORS, toy_model  # noqa: F401 - a fixture
+from plugins import VECTORS
 
 RECIPE = """\
 name: toy

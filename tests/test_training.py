@@ -112,3 +112,15 @@ def test_two_identity_heads_cannot_train():
 def test_unknown_select_metric_is_an_error():
     with pytest.raises(KeyError, match="select_metric"):
         Trainer(_heads(), [_pairset()], TrainConfig(epochs=1, select_metric="nope", device="cpu")).fit(progress=False)
+
+
+def test_without_validation_pairs_the_last_epoch_is_kept():
+    """No validation pair: nothing to select by, so every epoch runs and the final heads are kept."""
+    full = _pairset()
+    pairs = [PairSet("image", "audio", full.train_a, full.train_b, full.val_a[:0], full.val_b[:0])]
+    heads = _heads()
+    result = Trainer(heads, pairs, TrainConfig(epochs=5, batch_size=64, lr=1e-2, patience=2,
+                                               device="cpu")).fit(progress=False)
+    assert len(result.history) == 5 and result.best_epoch == 5
+    final = {f"heads.{k}": v for k, v in heads.state_dict().items()}
+    assert all(torch.equal(final[k], result.state[k]) for k in final)
