@@ -350,6 +350,28 @@ def _table(rows: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def _local_weights_section(specs: dict[str, dict[str, Any]], load_ref: str) -> list[str]:
+    """How to point the encoders at local copies, for modalities trained with weights from local files."""
+    rows = []
+    for m, spec in specs.items():
+        if not str(spec.get("weights") or "").startswith(("sha256:", "folder-sha256:")):
+            continue
+        for option, value in spec["adapter_config"].items():
+            if isinstance(value, str) and (os.path.isabs(value) or value.startswith(("~", "."))):
+                rows.append((m, option, value, spec["weights"]))
+    if not rows:
+        return []
+    overrides = ", ".join(f'"{m}": {{"{o}": "/path/to/your/copy"}}' for m, o, _, _ in rows)
+    flags = " ".join(f"--adapter-option {m}.{o}=/path/to/your/copy" for m, o, _, _ in rows)
+    lines = ["### Encoders trained with local weights", "",
+             "These encoders were loaded from files on the training machine. Point them at your copy of the "
+             "same weights (the content is checked, not the path):", ""]
+    lines += [f"- {m}: option `{o}` was `{v}`, weights `{w}`" for m, o, v, w in rows]
+    lines += ["", "```python", f'model = CoEmbedder.from_pretrained("{load_ref}", adapter_options={{{overrides}}})',
+              "```", "", "```bash", f"coembed encode {load_ref} {flags} ...", "```", ""]
+    return lines
+
+
 def _metrics_section(metrics: dict[str, Any]) -> list[str]:
     lines = ["## Metrics", ""]
     retrieval: dict[str, dict[str, float]] = {}
@@ -442,6 +464,7 @@ def _card_body(name: str, config: dict[str, Any], load_ref: str, recipe: dict[st
         out = "vectors.npy" if len(shell) == 1 else "vectors.npz"
         lines += ["From the shell:", "", "```bash", f"coembed encode {load_ref} {' '.join(shell)} --out {out}",
                   "```", ""]
+    lines += _local_weights_section(specs, load_ref)
     lines += ["## Training recipe", ""]
     if recipe_text:
         lines += ["```yaml", recipe_text.rstrip(), "```", ""]

@@ -68,6 +68,9 @@ class VideoFolderOptions(SourceOptions):
     extensions: list[str] = Field(default_factory=lambda: list(VIDEO_EXTENSIONS))
     probe_workers: int = Field(default=8, ge=1, description="threads probing videos")
     probe_cache: bool = Field(default=True, description="remember probe results across runs")
+    missing_clips: Literal["bad", "skip"] = Field(
+        default="bad", description="a CSV row whose clip is not in the folder: a bad item (default), or "
+                                   "skipped and counted as not downloaded (VGG-Sound clips that left YouTube)")
 
     @field_validator("name_format")
     @classmethod
@@ -342,9 +345,13 @@ class VideoFolderSource(Source):
         self.counts["videos"] = len(videos)
         outcomes = self._probe_all(folder, [v for v in videos if v.path is not None])
         usable = 0
+        not_downloaded = 0
         for video in videos:
             if video.path is None:
-                yield BadRecord(video.id, f"missing file: no clip named {video.id}.* in {folder}")
+                if o.missing_clips == "skip":
+                    not_downloaded += 1
+                else:
+                    yield BadRecord(video.id, f"missing file: no clip named {video.id}.* in {folder}")
                 continue
             outcome = outcomes[video.path]
             if isinstance(outcome, str):
@@ -356,6 +363,10 @@ class VideoFolderSource(Source):
                 yield rec
             usable += good
         self.counts["usable_videos"] = usable
+        if o.missing_clips == "skip":
+            self.counts["csv_rows_not_downloaded"] = not_downloaded
+            if not_downloaded:
+                log.info("%d CSV rows have no clip in %s: skipped (data.missing_clips: skip)", not_downloaded, folder)
 
     def _videos_from_csv(self, csv_path: Path, files: dict[str, str]) -> Iterator[_Video | BadRecord]:
         o = self.options

@@ -200,3 +200,21 @@ def test_paper_recipe_shape_with_the_real_adapters(tmp_path):
     # the paper's 5 s of audio around a frame: clipped to the 2.5 s video, never outside it
     vecs = result.model.embed(audio=[str(tmp_path / "video" / clip_name("vid0", 10))])
     assert vecs.shape[-1] == 512
+
+
+def test_csv_rows_without_a_clip_are_bad_or_counted_when_skipped(tmp_path, toys):
+    folder = tmp_path / "video"
+    write_video(folder / clip_name("here", 0), seconds=2.0)
+    write_vggsound_csv(tmp_path / "vggsound.csv", [("here", 0, "rain", "train"), ("gone", 10, "rain", "train"),
+                                                   ("gone2", 20, "dog", "train")])
+    data = {"source": "video_folder", "path": "video", "csv": "vggsound.csv"}
+    records, bad = _records(toy_recipe(tmp_path, data))
+    assert [r.id for r in records] == ["here_000000#0"]
+    assert sorted(b.id for b in bad) == ["gone2_000020", "gone_000010"]
+    assert all(b.reason.startswith("missing file") for b in bad)
+
+    source = build_source(toy_recipe(tmp_path, {**data, "missing_clips": "skip"}))
+    items = list(source)
+    assert [r.id for r in items if isinstance(r, Record)] == ["here_000000#0"]
+    assert not [r for r in items if isinstance(r, BadRecord)]
+    assert source.counts["csv_rows_not_downloaded"] == 2  # skipped, never silently: counted in the summary

@@ -231,6 +231,11 @@ def test_a_model_trained_with_a_local_checkpoint_loads_with_a_copy(checkpoints: 
     expected = {"image": model.embed(image=images), "text": model.embed(text=TEXTS)}
     folder = model.save_pretrained(scratch / "model")
     del model
+    card = (folder / "README.md").read_text()
+    assert "Encoders trained with local weights" in card
+    assert f"option `pretrained` was `{trained_with}`" in card
+    assert '"image": {"pretrained": "/path/to/your/copy"}' in card
+    assert "--adapter-option text.pretrained=/path/to/your/copy" in card
 
     elsewhere = copy_to(trained_with, scratch / "machine-b", "clip.safetensors")
     trained_with.unlink()
