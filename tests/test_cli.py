@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
+def _train(tmp_path, *args):
+    """``coembed train`` on the quickstart with its media and store under ``tmp_path``; extra CLI args after."""
+    sets = ["--set", f"data.path={tmp_path / 'media'}", "--set", f"extraction.cache_dir={tmp_path / 'cache'}"]
+    return CliRunner().invoke(main, ["train", str(QUICKSTART), "--no-progress", *sets, *args])
+
+
 def test_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "coembed.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("train", "modalities", "check"):
@@ -42,11 +48,7 @@ def test_invalid_recipe_fails_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_quickstart_trains_well_above_chance(tmp_path):
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(main, [
-        "train", str(QUICKSTART), "--no-progress", "--run-dir", str(run_dir),
-        "--set", f"data.path={tmp_path / 'media'}", "--set", f"extraction.cache_dir={tmp_path / 'cache'}",
-        "--set", "extraction.num_workers=1",
-    ])
+    result = _train(tmp_path, "--run-dir", str(run_dir), "--set", "extraction.num_workers=1")
     assert result.exit_code == 0, result.output
     assert f"run folder: {run_dir}" in result.output
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -64,11 +66,7 @@ def test_quickstart_trains_well_above_chance(tmp_path):
     assert "best epoch" in (run_dir / "train.log").read_text()
 
     # a second run over the same data reuses the store: no encoder is called
-    again = CliRunner().invoke(main, [
-        "train", str(QUICKSTART), "--no-progress", "--run-dir", str(tmp_path / "run2"),
-        "--set", f"data.path={tmp_path / 'media'}", "--set", f"extraction.cache_dir={tmp_path / 'cache'}",
-        "--set", "train.epochs=2",
-    ])
+    again = _train(tmp_path, "--run-dir", str(tmp_path / "run2"), "--set", "train.epochs=2")
     assert again.exit_code == 0, again.output
     extraction = json.loads((tmp_path / "run2" / "metrics.json").read_text())["extraction"]
     assert all(stats["encoded"] == 0 and stats["cached"] == stats["items"] for stats in extraction.values())
@@ -83,10 +81,8 @@ def test_a_select_metric_typo_fails_before_any_work(tmp_path):
 
 
 def test_a_head_that_cannot_map_its_encoder_fails_before_extraction(tmp_path):
-    result = CliRunner().invoke(main, [
-        "train", str(QUICKSTART), "--no-progress", "--run-dir", str(tmp_path / "run"),
-        "--set", "modalities.audio.head.type=identity", "--set", "modalities.text.head.type=linear",
-        "--set", f"data.path={tmp_path / 'media'}", "--set", f"extraction.cache_dir={tmp_path / 'cache'}"])
+    result = _train(tmp_path, "--run-dir", str(tmp_path / "run"),
+                    "--set", "modalities.audio.head.type=identity", "--set", "modalities.text.head.type=linear")
     assert result.exit_code == 2, result.output
     assert "modalities.audio.head" in result.output and "identity head" in result.output
     assert not (tmp_path / "media").exists() and not (tmp_path / "cache").exists()
