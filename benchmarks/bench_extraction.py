@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from coembed.data import generate_media, read_manifest_rows
+from coembed.sources.generated import generate_media
+from coembed.sources.manifest import read_manifest_rows
 from coembed.extraction import extract
 from coembed.registry import create_adapter
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from coembed.heads import IdentityHead, LinearHead
 from coembed.losses import LearnableTemperature, info_nce
-from coembed.recipe import TrainConfig
+from coembed.config import TrainConfig
 from coembed.training import PairSet, Trainer
 
 

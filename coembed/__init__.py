@@ -6,37 +6,22 @@ The public surface::
     from coembed import ModelLoadError        # why a model folder or Hub repo was refused
     from coembed import load_recipe, train_recipe
     from coembed import Adapter, AdapterOptions, BadItem, available_adapters, create_adapter
+
+Every exception coembed raises is a :class:`CoembedError` (:mod:`coembed.errors`).
+The modules form layers, each importing only those below it; ``docs/design.md``
+shows them.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("coembed")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
-
-from coembed.model import CoEmbedder, ModelLoadError
-from coembed.recipe import Recipe, RecipeError, load_recipe
-from coembed.registry import (
-    Adapter,
-    AdapterError,
-    AdapterOptions,
-    BadItem,
-    WeightsUnavailable,
-    available_adapters,
-    create_adapter,
-)
-
-
-def train_recipe(*args, **kwargs):  # noqa: D103 - documented in coembed.run
-    from coembed.run import train_recipe as _train
-
-    return _train(*args, **kwargs)
-
-
-train_recipe.__doc__ = "Run a recipe end to end; see :func:`coembed.run.train_recipe`."
+from coembed.config import Recipe
+from coembed.errors import (AdapterError, BadItem, CoembedError, ModelLoadError, RecipeError,
+                            WeightsUnavailable)
+from coembed.model import CoEmbedder
+from coembed.recipe import load_recipe
+from coembed.registry import Adapter, AdapterOptions, available_adapters, create_adapter
+from coembed.run import train_recipe
+from coembed.version import __version__
 
 __all__ = [
     "Adapter",
@@ -44,6 +29,7 @@ __all__ = [
     "AdapterOptions",
     "BadItem",
     "CoEmbedder",
+    "CoembedError",
     "ModelLoadError",
     "Recipe",
     "RecipeError",

@@ -5,16 +5,31 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import click
+import numpy as np
+from pydantic import ValidationError
+from tqdm import tqdm
 
-from coembed import __version__
-
-if TYPE_CHECKING:
-    from coembed.model import CoEmbedder
-    from coembed.recipe import DataConfig, ExtractionConfig
+from coembed.config import DataConfig, ExtractionConfig, ZeroShotConfig, apply_overrides
+from coembed.errors import (AdapterError, BadItem, HubError, ModelLoadError, RecipeError, TooFewPairs,
+                            TooManyBadItems)
+from coembed.evaluation import EvaluationData, retrieval_on_data
+from coembed.layout import METRICS, REPORT, retrieval_file, run_folder
+from coembed.metrics import headline
+from coembed.model import CoEmbedder
+from coembed.plots import draw_run_figures, plot_zero_shot
+from coembed.prompts import TOP_K
+from coembed.recipe import load_recipe
+from coembed.record import read_metrics, write_json, write_metrics
+from coembed.registry import describe_adapters
+from coembed.report import retrieval_tables, write_report
+from coembed.run import train_recipe
+from coembed.version import __version__
+from coembed.zeroshot import run_zero_shot
 
 SET_HELP = "Override a recipe value, e.g. --set train.epochs=5 (repeatable; values are YAML)."
 ADAPTER_OPTION_HELP = ("Set an option of a modality's encoder for this load, e.g. --adapter-option "
@@ -26,8 +41,6 @@ class _TqdmLogHandler(logging.Handler):
     """Console log lines printed above the progress bars instead of through them."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
         try:
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # pragma: no cover - logging must never raise
@@ -41,8 +54,6 @@ def _fail(message: str) -> NoReturn:
 
 def _adapter_options(items: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """``--adapter-option MODALITY.OPTION=VALUE`` items as ``CoEmbedder.from_pretrained(adapter_options=...)``."""
-    from coembed.recipe import apply_overrides
-
     for item in items:
         key, equals, _ = item.partition("=")
         modality, _, option = key.strip().partition(".")
@@ -77,22 +88,14 @@ def main(verbose: bool) -> None:
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def train(recipe: Path, overrides: tuple[str, ...], run_dir: Path | None, no_progress: bool) -> None:
     """Train the heads a RECIPE describes; writes a run folder (model, metrics, log)."""
-    from coembed.recipe import RecipeError, load_recipe
-    from coembed.registry import AdapterError
-
     try:
         parsed = load_recipe(recipe, list(overrides))
     except (RecipeError, AdapterError) as exc:
         _fail(str(exc))
-    from coembed.data import TooManyBadItems
-    from coembed.run import TooFewPairs, train_recipe
-
     try:
         result = train_recipe(parsed, run_dir=run_dir, progress=not no_progress)
     except (RecipeError, AdapterError, TooManyBadItems, TooFewPairs) as exc:
         _fail(str(exc))
-    from coembed.evaluation import headline
-
     click.echo(f"best epoch {result.metrics['best_epoch']}: {headline(result.metrics['validation'])}")
     click.echo(f"run folder: {result.run_dir}")
 
@@ -101,8 +104,6 @@ def train(recipe: Path, overrides: tuple[str, ...], run_dir: Path | None, no_pro
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def modalities(as_json: bool) -> None:
     """List every registered modality adapter."""
-    from coembed.registry import describe_adapters
-
     rows = describe_adapters()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -123,8 +124,6 @@ def modalities(as_json: bool) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def check(recipe: Path, overrides: tuple[str, ...]) -> None:
     """Validate a RECIPE (keys, values, adapters) without running it; print it resolved."""
-    from coembed.recipe import RecipeError, load_recipe
-
     try:
         parsed = load_recipe(recipe, list(overrides))
     except RecipeError as exc:
@@ -154,11 +153,6 @@ def encode(model: str, images: tuple[str, ...], audios: tuple[str, ...], texts: 
 
     Vectors are L2-normalised rows in the model's shared space, in the order given.
     """
-    import numpy as np
-
-    from coembed.model import CoEmbedder, ModelLoadError
-    from coembed.registry import AdapterError, BadItem
-
     inputs: dict[str, list[str | np.ndarray]] = {m: list(v) for m, v in (("image", images), ("audio", audios), ("text", texts)) if v}
     if not inputs:
         _fail("nothing to encode: give --image, --audio and/or --text")
@@ -201,9 +195,6 @@ def push(path: Path, repo_id: str, private: bool, token: str | None, message: st
 
     PATH is a run folder (its model/, recipe, metrics and UMAP figures go up) or a model folder.
     """
-    from coembed.hub import HubError
-    from coembed.model import CoEmbedder, ModelLoadError
-
     try:
         model = CoEmbedder.from_pretrained(path, "cpu")
         url = model.push_to_hub(repo_id, private=private or None, token=token, commit_message=message)
@@ -215,16 +206,6 @@ def push(path: Path, repo_id: str, private: bool, token: str | None, message: st
 # ---------------------------------------------------------------------------------------
 # evaluation, figures and reports
 # ---------------------------------------------------------------------------------------
-
-
-def _run_folder(path: str) -> Path | None:
-    """The run folder ``path`` names (a run, or a run's ``model/``); None for a bare model."""
-    p = Path(path)
-    if (p / "model" / "config.json").is_file():
-        return p
-    if p.name == "model" and (p.parent / "recipe.yaml").is_file():
-        return p.parent
-    return None
 
 
 def _eval_data_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -259,13 +240,8 @@ def _eval_data_options(command: Callable[..., None]) -> Callable[..., None]:
 def _eval_setup(model: str, data_path: str, layout: str, folds: str | None, splits: tuple[str, ...],
                 label_column: str | None, columns: tuple[str, ...], options: tuple[str, ...],
                 cache_dir: str | None, device: str | None, adapter_options: tuple[str, ...]
-                ) -> tuple[CoEmbedder, DataConfig, dict[str, str], ExtractionConfig]:
-    """The loaded model, the data section, the column map and the extraction settings of an ``eval`` command."""
-    from pydantic import ValidationError
-
-    from coembed.model import CoEmbedder, ModelLoadError
-    from coembed.recipe import DataConfig, ExtractionConfig, RecipeError, apply_overrides
-
+                ) -> tuple[CoEmbedder, EvaluationData]:
+    """The loaded model and the data to evaluate it on, as the options of an ``eval`` command say."""
     if folds and not all(f.strip().isdigit() for f in folds.split(",")):
         _fail(f"--folds takes fold numbers like 1,2 (got {folds!r})")
     if any("=" not in c for c in columns):
@@ -284,19 +260,17 @@ def _eval_setup(model: str, data_path: str, layout: str, folds: str | None, spli
         _fail(str(exc))
     except ValidationError as exc:
         _fail(f"invalid data options: {exc}")
-    return embedder, data, dict(c.split("=", 1) for c in columns), ExtractionConfig(cache_dir=cache_dir)
+    column_map = tuple(tuple(c.split("=", 1)) for c in columns)
+    return embedder, EvaluationData(data, ExtractionConfig(cache_dir=cache_dir), column_map, Path.cwd())  # type: ignore[arg-type]
 
 
 def _refresh_run(run_dir: Path, section: str, name: str, values: dict[str, float]) -> None:
     """Record new evaluation results in a run's metrics.json and rewrite its report when it has one."""
-    from coembed.report import REPORT_NAME, write_report
-
-    path = run_dir / "metrics.json"
-    if path.is_file():
-        metrics = json.loads(path.read_text())
-        metrics.setdefault(section, {})[name] = values
-        path.write_text(json.dumps(metrics, indent=2))
-    if (run_dir / REPORT_NAME).is_file():
+    if (run_dir / METRICS).is_file():
+        metrics = read_metrics(run_dir)
+        getattr(metrics, section)[name] = values
+        write_metrics(run_dir, metrics)
+    if (run_dir / REPORT).is_file():
         write_report(run_dir)
 
 
@@ -323,25 +297,22 @@ def zero_shot(model: str, data_path: str, layout: str, folds: str | None, splits
     put into prompt templates and embedded by the model's text side. Prints top-1 and top-5
     accuracy with chance levels; writes zeroshot-<name>.json and a confusion-matrix figure.
     """
-    from coembed.data import TooManyBadItems
-    from coembed.recipe import RecipeError, ZeroShotConfig
-    from coembed.registry import AdapterError
-    from coembed.zeroshot import TOP_K, run_zero_shot
-
-    embedder, data, column_map, extraction = _eval_setup(model, data_path, layout, folds, splits, label_column,
-                                                         columns, options, cache_dir, device, adapter_options)
+    embedder, evaluation = _eval_setup(model, data_path, layout, folds, splits, label_column, columns, options,
+                                       cache_dir, device, adapter_options)
     template_list: str | list[str] | None = templates
     if templates and Path(templates).is_file():
         template_list = [line.strip() for line in Path(templates).read_text().splitlines() if line.strip()]
-    run_dir = _run_folder(model)
+    run_dir = run_folder(model)
     out = out or run_dir or Path.cwd()
     try:
         config = ZeroShotConfig(name=name, modality=modality, text_modality=text_modality, templates=template_list,
-                                column=column_map.get(modality), data=data)
-        result = run_zero_shot(embedder, config, extraction=extraction, base_dir=Path.cwd(), out_dir=out,
+                                column=dict(evaluation.columns).get(modality), data=evaluation.data)
+        result = run_zero_shot(embedder, config, extraction=evaluation.extraction, base_dir=evaluation.base_dir,
                                progress=not no_progress)
     except (RecipeError, AdapterError, TooManyBadItems, ValueError) as exc:
         _fail(str(exc))
+    result.save(out)
+    plot_zero_shot(result, out)
     if run_dir is not None and out == run_dir:
         _refresh_run(run_dir, "zero_shot", result.name, result.metrics)
     m = result.metrics
@@ -368,32 +339,23 @@ def retrieval(model: str, data_path: str, layout: str, folds: str | None, splits
     Records holding items of both modalities of a pair type are the pairs; where they have labels,
     class-level retrieval follows. Writes retrieval-<name>.json.
     """
-    from coembed.data import TooManyBadItems
-    from coembed.evaluation import model_recipe, retrieval_on_data
-    from coembed.recipe import RecipeError
-    from coembed.registry import AdapterError
-    from coembed.report import retrieval_tables
-
-    embedder, data, column_map, extraction = _eval_setup(model, data_path, layout, folds, splits, label_column,
-                                                         columns, options, cache_dir, device, adapter_options)
+    embedder, evaluation = _eval_setup(model, data_path, layout, folds, splits, label_column, columns, options,
+                                       cache_dir, device, adapter_options)
     chosen = [tuple(p.split(",")) for p in pairs] or [tuple(p) for p in embedder.metadata.get("pairs", [])]
     if not chosen or any(len(p) != 2 for p in chosen):
         _fail("name the pair types with --pair A,B (the model does not record the ones it was trained on)")
     try:
-        recipe = model_recipe(embedder, data, [m for p in chosen for m in p], columns=column_map,
-                              extraction=extraction, base_dir=Path.cwd())
-        metrics, counts = retrieval_on_data(embedder, recipe, chosen, progress=not no_progress)  # type: ignore[arg-type]
+        metrics, counts = retrieval_on_data(embedder, evaluation, chosen, progress=not no_progress)  # type: ignore[arg-type]
     except (RecipeError, AdapterError, TooManyBadItems, ValueError) as exc:
         _fail(str(exc))
     if not metrics:
         _fail(f"fewer than 2 pairs for every pair type: {counts['pairs']}")
-    run_dir = _run_folder(model)
+    run_dir = run_folder(model)
     out = out or run_dir or Path.cwd()
     name = name or layout
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"retrieval-{name}.json"
-    path.write_text(json.dumps({"metrics": metrics, "counts": counts, "data": data.model_dump(mode="json")},
-                               indent=2))
+    path = write_json(out / retrieval_file(name),
+                      {"metrics": metrics, "counts": counts, "data": evaluation.data.model_dump(mode="json")})
     if run_dir is not None and out == run_dir:
         _refresh_run(run_dir, "retrieval_sets", name, metrics)
     click.echo("\n".join(retrieval_tables(metrics)).rstrip())
@@ -410,9 +372,6 @@ def retrieval(model: str, data_path: str, layout: str, folds: str | None, splits
               help="UMAP n_neighbors [default: the recipe's eval.umap_neighbors].")
 def plot(run: Path, classes: str | None, seed: int | None, neighbors: int | None) -> None:
     """Draw the figures of a RUN folder: UMAP views (the paper's Figures 2-4) and the training curve."""
-    from coembed.model import ModelLoadError
-    from coembed.plots import draw_run_figures
-
     try:
         paths = draw_run_figures(run, seed, neighbors, [c.strip() for c in classes.split(",")] if classes else None)
     except (FileNotFoundError, ModelLoadError, ValueError) as exc:
@@ -425,10 +384,8 @@ def plot(run: Path, classes: str | None, seed: int | None, neighbors: int | None
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(run: Path) -> None:
     """Write report.md for a RUN folder from its recipe, metrics, figures and zero-shot results."""
-    from coembed.report import write_report
-
-    if not (run / "metrics.json").is_file():
-        _fail(f"{run} has no metrics.json: not a finished run folder")
+    if not (run / METRICS).is_file():
+        _fail(f"{run} has no {METRICS}: not a finished run folder")
     click.echo(f"wrote {write_report(run)}")
 
 

@@ -1,311 +1,67 @@
-"""Evaluation: retrieval metrics between co-embedded modalities.
+"""Evaluating a trained model on data: any data source read, embedded through the model, scored.
 
-Every metric here comes from one ranking engine, :func:`rank_gallery`: each
-query ranks the whole gallery by cosine similarity, and a gallery item is
-*relevant* to a query when their labels are equal. Three uses share it:
-
-* **paired retrieval**: row ``i`` of one modality is relevant to row ``i`` of
-  the other. Duplicate items are one item: pairs sharing an item on either
-  side (the same raw content in a run, else an identical vector) join one
-  group (transitively), so an audio clip with five captions finds any of them
-  and five identical captions do not compete with each other (the AudioCaps
-  convention).
-* **class-level retrieval**: a hit when the labels (classes) match.
-* **zero-shot classification** (:mod:`coembed.zeroshot`): the gallery is one
-  text embedding per class.
-
-Conventions, exact and documented in ``docs/evaluation.md``:
-
-* Ranks are 1-based and **pessimistic**: a non-relevant item that ties with a
-  relevant one ranks before it, so a constant model never looks good. Scores
-  closer than :data:`TIE_TOLERANCE` count as tied (float rounding makes the
-  similarities of identical vectors differ in the last bits).
-* ``R@k``: share of queries whose first relevant item ranks ``<= k``.
-  ``median_rank`` and ``mrr`` use the same first rank. ``mAP``: mean over
-  queries of the average precision over all of the query's relevant items.
-* Chance levels are the exact expectations under a uniformly random ranking:
-  ``R@k = 1 - C(N-m, k) / C(N, k)`` and ``AP = H_N/N + (m-1)(N-H_N)/(N(N-1))``
-  for ``m`` relevant items among ``N`` (``k/N`` and ``H_N/N`` when ``m = 1``),
-  averaged over queries.
-
-Memory is bounded: similarities are computed in blocks of at most
-``chunk_size x chunk_size`` (and ``chunk_size**2`` relevant scores), whatever
-the gallery size, and the result is exact, not approximate.
+A trained :class:`~coembed.CoEmbedder` reads a data source the way training
+does (the same sources, the same bad-item rules, the same embedding store, so
+nothing is encoded twice), projects every item with its head, and is scored
+with the metrics of :mod:`coembed.metrics`. :func:`retrieval_on_data` is
+retrieval in both directions over the pairs of a data set;
+:mod:`coembed.zeroshot` builds zero-shot classification on the same pieces.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Hashable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from coembed.data import BadRecord, Record
-    from coembed.model import CoEmbedder
-    from coembed.recipe import DataConfig, ExtractionConfig, Recipe
-    from coembed.store import Lookup
-
-RECALL_KS = (1, 5, 10)
-
-#: Cosine similarities closer than this are ties.
-TIE_TOLERANCE = 1e-6
-
-#: Up to this many relevant items per query their scores are gathered directly
-#: (one pass over the gallery in all); more, and a first scan collects them.
-_GATHER_MAX_RELEVANT = 8
+from coembed.bad_items import BadItemRow
+from coembed.config import DataConfig, ExtractionConfig
+from coembed.errors import RecipeError
+from coembed.extraction import extract_with_config
+from coembed.layout import store_root
+from coembed.metrics import paired_retrieval
+from coembed.model import CoEmbedder
+from coembed.recipe import source_problems
+from coembed.registry import input_kinds
+from coembed.sources import Record, SourceContext, SourceRead, build_source, read_source
+from coembed.training import align_pairs
 
 
-def chunk_slices(n: int, size: int) -> Iterator[slice]:
-    """Consecutive slices of at most ``size`` over ``range(n)``."""
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+@dataclass(frozen=True)
+class EvaluationData:
+    """A data source to evaluate a model on, and how to read and encode it.
 
-
-@dataclass
-class Ranking:
-    """Per-query outcome of ranking a gallery (tensors of length ``n_queries``)."""
-
-    first_rank: torch.Tensor          # long, 1-based rank of the best-ranked relevant item
-    average_precision: torch.Tensor   # float
-    n_relevant: torch.Tensor          # long, relevant items in the gallery
-    gallery_size: int
-
-
-def _count_at_least(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """``out[i, j]`` = number of entries of ``scores[i]`` that are ``>= thresholds[i, j]``."""
-    if thresholds.shape[1] <= 4:
-        return torch.stack([(scores >= thresholds[:, j:j + 1]).sum(dim=1) for j in range(thresholds.shape[1])],
-                           dim=1)
-    ascending = scores.sort(dim=1).values.contiguous()
-    return scores.shape[1] - torch.searchsorted(ascending, thresholds.contiguous(), right=False)
-
-
-def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, query_labels: torch.Tensor,
-                 gallery_labels: torch.Tensor, chunk_size: int = 1024) -> Ranking:
-    """Rank ``gallery`` for every query by cosine similarity; relevant means equal labels.
-
-    Labels are non-negative integers. Every query needs at least one relevant
-    gallery item. See the module docstring for the tie convention; memory is
-    ``O(chunk_size**2)`` floats.
+    ``columns`` maps a modality to the data column holding it (default: the
+    modality's name); relative paths resolve against ``base_dir``.
     """
-    if queries.shape[0] != query_labels.shape[0] or gallery.shape[0] != gallery_labels.shape[0]:
-        raise ValueError("one label per query and per gallery item is needed")
-    device = queries.device
-    q = F.normalize(queries.float(), dim=-1)
-    g = F.normalize(gallery.float().to(device), dim=-1)
-    ql = query_labels.to(device=device, dtype=torch.long)
-    gl = gallery_labels.to(device=device, dtype=torch.long)
-    n_q, n_g = q.shape[0], g.shape[0]
-    counts = torch.bincount(gl, minlength=int(ql.max()) + 1 if n_q else 0) if n_g else gl.new_zeros(0)
-    n_relevant = counts[ql] if n_q else ql.new_zeros(0)
-    if n_q and (n_g == 0 or bool((n_relevant == 0).any())):
-        raise ValueError("a query has no relevant gallery item")
-    by_label = torch.argsort(gl, stable=True)           # gallery rows grouped by label
-    label_start = torch.cumsum(counts, 0) - counts
-    first = torch.empty(n_q, dtype=torch.long, device=device)
-    ap = torch.empty(n_q, dtype=torch.float32, device=device)
-    max_m = int(n_relevant.max()) if n_q else 1
-    q_step = max(1, min(chunk_size, chunk_size * chunk_size // max_m))
-    for qs in chunk_slices(n_q, q_step):
-        m = n_relevant[qs]
-        width = int(m.max())
-        rows_n = qs.stop - qs.start
-        # pass 1: every relevant score of each query, padded with -inf
-        if width <= _GATHER_MAX_RELEVANT:  # few relevant items (paired retrieval): score them directly
-            offset = torch.arange(width, device=device)
-            pad = offset[None, :] >= m[:, None]
-            rows_of = by_label[(label_start[ql[qs]][:, None] + offset[None, :]).clamp(max=n_g - 1)]
-            relevant = torch.stack([(q[qs] * g[rows_of[:, w]]).sum(dim=1) for w in range(width)], dim=1)
-            relevant = relevant.masked_fill(pad, float("-inf"))
-        else:  # many (class-level retrieval): collect them while scanning the gallery
-            relevant = torch.full((rows_n, width), float("-inf"), device=device)
-            filled = torch.zeros(rows_n, dtype=torch.long, device=device)
-            for gs in chunk_slices(n_g, chunk_size):
-                sims = q[qs] @ g[gs].T
-                mask = ql[qs, None] == gl[None, gs]
-                rows, cols = mask.nonzero(as_tuple=True)
-                position = filled[rows] + (mask.long().cumsum(dim=1) - 1)[rows, cols]
-                relevant[rows, position] = sims[rows, cols]
-                filled += mask.sum(dim=1)
-        relevant = relevant.sort(dim=1, descending=True).values
-        # pass 2: non-relevant items scoring at least each relevant score (ties count against)
-        above = torch.zeros(rows_n, width, dtype=torch.long, device=device)
-        for gs in chunk_slices(n_g, chunk_size):
-            sims = (q[qs] @ g[gs].T).masked_fill(ql[qs, None] == gl[None, gs], float("-inf"))
-            above += _count_at_least(sims, relevant - TIE_TOLERANCE)
-        j = torch.arange(1, width + 1, device=device)
-        ranks = above + j                                   # rank of the j-th best relevant item
-        valid = j[None, :] <= m[:, None]
-        first[qs] = ranks[:, 0]
-        ap[qs] = ((j / ranks) * valid).sum(dim=1) / m
-    return Ranking(first, ap, n_relevant, n_g)
 
+    data: DataConfig
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    columns: tuple[tuple[str, str], ...] = ()
+    base_dir: Path = Path(".")
 
-def pair_ranks(queries: torch.Tensor, gallery: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Rank (1 = best, pessimistic) of ``gallery[i]`` among all gallery items for ``queries[i]``.
+    def context(self, model: CoEmbedder, modalities: Sequence[str], progress: bool = False) -> SourceContext:
+        """The source context for reading ``modalities`` of ``model`` from this data."""
+        names = list(dict.fromkeys(modalities))
+        for m in names:
+            if m not in model.specs:
+                raise ValueError(f"this model has no {m!r} modality; it has: {', '.join(model.specs)}")
+        columns = dict(self.columns)
+        return SourceContext(columns={m: columns.get(m, m) for m in names},
+                             kinds=input_kinds({m: model.specs[m].adapter for m in names}),
+                             base_dir=self.base_dir, cache_dir=store_root(self.extraction.cache_dir, self.base_dir),
+                             progress=progress)
 
-    Only ``gallery[i]`` is relevant (no duplicate grouping; see :func:`paired_retrieval`).
-    """
-    if queries.shape[0] != gallery.shape[0]:
-        raise ValueError(f"paired retrieval needs as many queries as gallery items, "
-                         f"got {queries.shape[0]} and {gallery.shape[0]}")
-    labels = torch.arange(queries.shape[0])
-    return rank_gallery(queries, gallery, labels, labels, chunk_size).first_rank
-
-
-def recall_metrics(ranks: torch.Tensor, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
-    """Recall@k, median rank (the mean of the two middle ranks for an even count) and mean
-    reciprocal rank from 1-based ranks."""
-    r = ranks.float()
-    out = {f"R@{k}": float((r <= k).float().mean()) for k in ks}
-    out["median_rank"] = float(np.median(r.cpu().numpy())) if r.numel() else float("nan")
-    out["mrr"] = float((1.0 / r).mean()) if r.numel() else float("nan")
-    return out
-
-
-def chance_recall(n_relevant: torch.Tensor, gallery_size: int, k: int) -> float:
-    """Expected R@k of a uniformly random ranking: mean of ``1 - C(N-m, k) / C(N, k)``."""
-    m = n_relevant.double().cpu()
-    if m.numel() == 0:
-        return float("nan")
-    miss = torch.ones_like(m)
-    for t in range(min(k, gallery_size)):
-        miss = miss * ((gallery_size - m - t) / (gallery_size - t)).clamp(min=0.0)
-    return float((1.0 - miss).mean())
-
-
-def chance_average_precision(n_relevant: torch.Tensor, gallery_size: int) -> float:
-    """Expected AP of a uniformly random ranking, averaged over queries (exact)."""
-    m = n_relevant.double().cpu()
-    if m.numel() == 0:
-        return float("nan")
-    n = gallery_size
-    if n == 1:
-        return 1.0
-    harmonic = float(sum(1.0 / i for i in range(1, n + 1)))
-    return float((harmonic / n + (m - 1) * (n - harmonic) / (n * (n - 1))).mean())
-
-
-def ranking_metrics(ranking: Ranking, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
-    """R@k, median rank, MRR and mAP of a ranking, with the random-ranking level of R@k and mAP."""
-    out = recall_metrics(ranking.first_rank, ks)
-    ap = ranking.average_precision
-    out["mAP"] = float(ap.mean()) if ap.numel() else float("nan")
-    for k in ks:
-        out[f"chance/R@{k}"] = chance_recall(ranking.n_relevant, ranking.gallery_size, k)
-    out["chance/mAP"] = chance_average_precision(ranking.n_relevant, ranking.gallery_size)
-    return out
-
-
-def ranking_metric_names(ks: tuple[int, ...] = RECALL_KS) -> list[str]:
-    """The keys :func:`ranking_metrics` returns (``R@1``, ``mAP``, ``chance/mAP``, ...)."""
-    one = torch.ones(1, dtype=torch.long)
-    return list(ranking_metrics(Ranking(one, one.float(), one, 1), ks))
-
-
-def encode_labels(labels: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
-    """String labels -> integer ids (indices into the sorted class list) and that class list."""
-    classes = sorted(set(labels))
-    index = {c: i for i, c in enumerate(classes)}
-    return torch.tensor([index[x] for x in labels], dtype=torch.long), classes
-
-
-def _key_ids(keys: torch.Tensor | Sequence[Hashable]) -> np.ndarray:
-    """One integer per row: equal ids for identical tensor rows or equal keys."""
-    if isinstance(keys, torch.Tensor):
-        return torch.unique(keys.detach(), dim=0, return_inverse=True)[1].cpu().numpy()
-    index: dict[Hashable, int] = {}
-    return np.array([index.setdefault(k, len(index)) for k in keys], dtype=np.int64)
-
-
-def duplicate_groups(keys_a: torch.Tensor | Sequence[Hashable],
-                     keys_b: torch.Tensor | Sequence[Hashable]) -> torch.Tensor:
-    """Group ids of aligned pairs: pairs that share an item on either side are one group.
-
-    An item is identified by its key (e.g. :func:`coembed.store.content_identity`
-    of the raw item) or, given tensors, by its exact vector. The grouping is
-    transitive (connected components of the pair graph), so a clip with several
-    captions and a caption shared by several clips each form one group with
-    everything they are linked to.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(keys_a)
-    if n != len(keys_b):
-        raise ValueError(f"duplicate groups need aligned pairs, got {n} and {len(keys_b)} keys")
-    if n == 0:
-        return torch.zeros(0, dtype=torch.long)
-    ia, ib = _key_ids(keys_a), _key_ids(keys_b)
-    n_a = int(ia.max()) + 1
-    size = n_a + int(ib.max()) + 1
-    graph = coo_matrix((np.ones(n), (ia, n_a + ib)), shape=(size, size))
-    _, component = connected_components(graph, directed=False)
-    return torch.from_numpy(component[ia]).long()
-
-
-def paired_retrieval(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, chunk_size: int = 1024,
-                     labels: Sequence[str | None] | None = None,
-                     groups: torch.Tensor | None = None) -> dict[str, float]:
-    """Retrieval metrics in both directions for aligned rows of ``a`` and ``b``.
-
-    Keys look like ``"audio->image/R@1"``, ``"audio->image/mAP"`` and
-    ``"audio->image/chance/R@1"``. ``groups`` are the duplicate groups of the
-    pairs (:func:`duplicate_groups`; default: from identical rows of ``a`` and
-    ``b``). With ``labels`` (one per row; ``None`` rows are left out) the
-    class-level metrics follow as ``"audio->image/class/R@1"`` etc.: a hit is
-    any item of the query's class.
-    """
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"paired retrieval needs aligned rows, got {a.shape[0]} and {b.shape[0]}")
-    out: dict[str, float] = {}
-    groups = duplicate_groups(a, b) if groups is None else groups
-    directions = ((name_a, name_b, a, b), (name_b, name_a, b, a))
-    for qn, gn, q, g in directions:
-        for key, value in ranking_metrics(rank_gallery(q, g, groups, groups, chunk_size)).items():
-            out[f"{qn}->{gn}/{key}"] = value
-    if labels is not None:
-        keep = [i for i, x in enumerate(labels) if x is not None]
-        if len(keep) >= 2:
-            ids, _ = encode_labels([str(labels[i]) for i in keep])
-            rows = torch.tensor(keep, dtype=torch.long)
-            for qn, gn, q, g in directions:
-                ranking = rank_gallery(q[rows.to(q.device)], g[rows.to(g.device)], ids, ids, chunk_size)
-                for key, value in ranking_metrics(ranking).items():
-                    out[f"{qn}->{gn}/class/{key}"] = value
-    return out
-
-
-def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of ``metric`` (a metric or history key) is the better one."""
-    return metric.endswith(("median_rank", "loss"))
-
-
-def _direction_r1(metrics: dict[str, float]) -> dict[str, float]:
-    """The instance-level R@1 of every direction (``"<query>-><gallery>/R@1"`` keys)."""
-    return {k: v for k, v in metrics.items() if len(parts := k.split("/")) == 2 and "->" in parts[0]
-            and parts[1] == "R@1"}
-
-
-def mean_recall_at_1(metrics: dict[str, float]) -> float:
-    """Mean instance-level R@1 over every direction."""
-    values = list(_direction_r1(metrics).values())
-    return float(np.mean(values)) if values else float("nan")
-
-
-def headline(metrics: dict[str, float]) -> str:
-    """One line for logs and the console: R@1 per direction and their mean."""
-    shown = {**_direction_r1(metrics), **({"mean_r1": metrics["mean_r1"]} if "mean_r1" in metrics else {})}
-    return ", ".join(f"{k} {v:.3f}" for k, v in shown.items())
-
-
-# ---------------------------------------------------------------------------------------
-# evaluation data: a data source read and embedded through a trained model
-# ---------------------------------------------------------------------------------------
+    def read(self, model: CoEmbedder, modalities: Sequence[str], progress: bool = False) -> SourceRead:
+        """Every record of the data (unsplit) with the model's ``modalities``, and the inputs it could not read."""
+        problems = source_problems(self.data)
+        if problems:
+            raise RecipeError(problems)
+        return read_source(build_source(self.data, self.context(model, modalities, progress)))
 
 
 @dataclass
@@ -315,97 +71,43 @@ class EmbeddedItems:
     ids: list[str]
     vectors: torch.Tensor
     labels: list[str | None]
-    bad: list[dict[str, Any]]   # {"id", "modality", "reason"} for every item that could not be used
+    bad: list[BadItemRow]   # every item that could not be used
 
 
-def model_recipe(model: "CoEmbedder", data: "DataConfig", modalities: Sequence[str], *,
-                 columns: dict[str, str] | None = None, extraction: "ExtractionConfig | None" = None,
-                 base_dir: str | Path = ".") -> "Recipe":
-    """A recipe that reads ``data`` for some of ``model``'s modalities, its source options checked.
-
-    Sources need a recipe for the modalities to read, their columns
-    (``columns`` maps a modality to the data column holding it) and relative
-    paths; the training settings of this recipe are never used.
-    """
-    from coembed.data import validate_source_options
-    from coembed.recipe import ExtractionConfig, ModalityConfig, Recipe
-
-    names = list(dict.fromkeys(modalities))
-    for m in names:
-        if m not in model.specs:
-            raise ValueError(f"this model has no {m!r} modality; it has: {', '.join(model.specs)}")
-    if len(names) < 2:
-        raise ValueError("evaluation reads at least two modalities (the items and the text side, or a pair)")
-    specs = {m: model.specs[m] for m in names}
-    configs = {m: ModalityConfig(adapter=s.adapter, head=s.head, column=(columns or {}).get(m), **s.adapter_config)
-               for m, s in specs.items()}
-    recipe = Recipe.model_validate({"anchor": model.anchor if model.anchor in names else names[0],
-                                    "modalities": configs, "pairs": [names[:2]], "data": data,
-                                    "extraction": extraction or ExtractionConfig(), "base_dir": str(base_dir)})
-    validate_source_options(recipe)
-    return recipe
-
-
-def read_records(recipe: "Recipe") -> tuple[list["Record"], list["BadRecord"]]:
-    """Every record of the recipe's source, unsplit, and the inputs it could not read."""
-    from coembed.data import BadRecord, build_source
-
-    records: list[Record] = []
-    bad: list[BadRecord] = []
-    for rec in build_source(recipe):
-        if isinstance(rec, BadRecord):
-            bad.append(rec)
-        else:
-            records.append(rec)
-    return records, bad
-
-
-def embed_records(model: "CoEmbedder", recipe: "Recipe", modality: str, records: Sequence["Record"],
+def embed_records(model: CoEmbedder, evaluation: EvaluationData, modality: str, records: Sequence[Record],
                   progress: bool = True) -> EmbeddedItems:
     """Encode the ``modality`` items of ``records`` through the embedding store (cached,
     bad items skipped with their reason) and project them with the model's head."""
-    from coembed.extraction import extract_with_recipe
-
     held = [r for r in records if modality in r.items]
     ids = [r.id for r in held]
-    lookup, _ = extract_with_recipe(model.adapter(modality), ids, [r.items[modality] for r in held], recipe,
-                                    progress)
+    lookup, _ = extract_with_config(model.adapter(modality), ids, [r.items[modality] for r in held],
+                                    evaluation.extraction, evaluation.data, evaluation.base_dir, progress)
     rows = np.flatnonzero(lookup.ok)
     vectors = model.project(modality, lookup.vectors[rows]).cpu()
     return EmbeddedItems([ids[i] for i in rows], vectors, [held[i].label for i in rows],
-                         unusable_items(ids, modality, lookup))
+                         lookup.bad_rows(ids, modality))
 
 
-def unusable_items(ids: Sequence[str], modality: str, lookup: "Lookup") -> list[dict[str, Any]]:
-    """``{"id", "modality", "reason"}`` for every item of a store lookup (``ids[i]`` is row ``i``) that
-    failed or is missing from the store."""
-    rows = [{"id": ids[i], "modality": modality, "reason": reason} for i, reason in sorted(lookup.errors.items())]
-    return rows + [{"id": ids[i], "modality": modality, "reason": "missing from the store"} for i in lookup.missing]
-
-
-def retrieval_on_data(model: "CoEmbedder", recipe: "Recipe", pairs: Sequence[tuple[str, str]],
+def retrieval_on_data(model: CoEmbedder, evaluation: EvaluationData, pairs: Sequence[tuple[str, str]],
                       chunk_size: int = 1024, progress: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
-    """:func:`paired_retrieval` (class level too where records have labels) of every pair type
-    over all records of the recipe's source; returns the metrics and the counts behind them."""
-    from coembed.store import content_identity
-
-    records, bad_records = read_records(recipe)
-    by_id = {r.id: r for r in records}
-    modalities = dict.fromkeys(m for p in pairs for m in p)
-    embedded = {m: embed_records(model, recipe, m, records, progress) for m in modalities}
+    """:func:`~coembed.metrics.paired_retrieval` (class level too where records have labels) of every
+    pair type over all records of the data; returns the metrics and the counts behind them."""
+    modalities = list(dict.fromkeys(m for p in pairs for m in p))
+    if len(modalities) < 2:
+        raise ValueError("retrieval needs a pair of two modalities")
+    read = evaluation.read(model, modalities, progress)
+    embedded = {m: embed_records(model, evaluation, m, read.records, progress) for m in modalities}
     metrics: dict[str, float] = {}
-    counts: dict[str, Any] = {"records": len(records), "bad_records": len(bad_records),
+    counts: dict[str, Any] = {"records": len(read.records), "bad_records": len(read.bad),
                               "bad_items": {m: len(e.bad) for m, e in embedded.items()}, "pairs": {}}
     for a, b in pairs:
+        row_a = {rid: i for i, rid in enumerate(embedded[a].ids)}
         row_b = {rid: i for i, rid in enumerate(embedded[b].ids)}
-        rows = [(i, row_b[rid]) for i, rid in enumerate(embedded[a].ids) if rid in row_b]
-        counts["pairs"][f"{a}-{b}"] = len(rows)
-        if len(rows) < 2:
+        aligned = align_pairs(read.records, row_a.get, row_b.get)
+        counts["pairs"][f"{a}-{b}"] = len(aligned)
+        if len(aligned) < 2:
             continue
-        ia, ib = [i for i, _ in rows], [j for _, j in rows]
-        paired = [by_id[embedded[a].ids[i]] for i in ia]
-        groups = duplicate_groups([content_identity(r.items[a]) for r in paired],
-                                  [content_identity(r.items[b]) for r in paired])
-        metrics.update(paired_retrieval(embedded[a].vectors[ia], embedded[b].vectors[ib], a, b, chunk_size,
-                                        labels=[r.label for r in paired], groups=groups))
+        metrics.update(paired_retrieval(embedded[a].vectors[aligned.rows_a], embedded[b].vectors[aligned.rows_b],
+                                        a, b, chunk_size, labels=[r.label for r in aligned.records],
+                                        groups=aligned.duplicate_groups(a, b)))
     return metrics, counts

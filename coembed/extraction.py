@@ -29,17 +29,20 @@ from typing import Any, Sequence
 import numpy as np
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
+from tqdm.auto import tqdm
 
-from coembed.data import reason_kind
-from coembed.media import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SILENCE_DB, SILENCE_FLOOR_DB, OverLimit, decoding,
-                           safe_text)
-from coembed.registry import Adapter, BadItem
-from coembed.recipe import Recipe
-from coembed.store import EmbeddingStore, Lookup, item_key, store_root
+from coembed.bad_items import BadItemRow, reason_kind
+from coembed.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SILENCE_DB, DataConfig, ExtractionConfig, Recipe
+from coembed.dataset import Dataset
+from coembed.errors import BadItem, OverLimit
+from coembed.layout import store_root
+from coembed.media import AUDIO_DB, SILENCE_FLOOR_DB, decoding, safe_text
+from coembed.registry import Adapter
+from coembed.store import EmbeddingStore, Lookup, item_key
 
 log = logging.getLogger(__name__)
 
-#: The reason kind of a silent audio item (see :func:`coembed.data.reason_kind`).
+#: The reason kind of a silent audio item (see :func:`coembed.bad_items.reason_kind`).
 SILENT_AUDIO = "silent audio"
 
 
@@ -62,13 +65,33 @@ def usable_workers(requested: int) -> int:
     return requested
 
 
-def extract_with_recipe(adapter: Adapter, ids: Sequence[str], items: Sequence[Any], recipe: Recipe,
-                        progress: bool = True) -> tuple[Lookup, "ExtractionStats"]:
-    """:func:`extract` with a recipe's store, extraction settings and item checks."""
-    ex, data = recipe.extraction, recipe.data
+@dataclass
+class ExtractionStats:
+    modality: str
+    fingerprint: str
+    items: int = 0
+    cached: int = 0
+    encoded: int = 0
+    bad: int = 0
+    flagged: int = 0
+    seconds: float = 0.0
+    bad_reasons: dict[str, int] = field(default_factory=dict)
+    flagged_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def items_per_second(self) -> float:
+        """Items the encoder ran on per second of extraction (items that failed to load are not counted)."""
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+def extract_with_config(adapter: Adapter, ids: Sequence[str], items: Sequence[Any], extraction: ExtractionConfig,
+                        data: DataConfig, base_dir: str | Path = ".", progress: bool = True
+                        ) -> tuple[Lookup, ExtractionStats]:
+    """:func:`extract` with a recipe's (or an evaluation's) store, extraction settings and item checks."""
     checks = ItemChecks(data.max_image_pixels, data.silence_db, data.silent_audio == "drop")
-    return extract(adapter, ids, items, store_root(recipe), batch_size=ex.batch_size, num_workers=ex.num_workers,
-                   shard_size=ex.shard_size, progress=progress, checks=checks)
+    return extract(adapter, ids, items, store_root(extraction.cache_dir, base_dir), batch_size=extraction.batch_size,
+                   num_workers=extraction.num_workers, shard_size=extraction.shard_size, progress=progress,
+                   checks=checks)
 
 
 #: One loaded item: index, loaded value (None when bad), reason, measurements, whether to store the reason.
@@ -114,24 +137,6 @@ class _Collate:
         return [i for i, _, _ in good], batch, [notes for _, _, notes in good], bad
 
 
-@dataclass
-class ExtractionStats:
-    modality: str
-    fingerprint: str
-    items: int = 0
-    cached: int = 0
-    encoded: int = 0
-    bad: int = 0
-    flagged: int = 0
-    seconds: float = 0.0
-    bad_reasons: dict[str, int] = field(default_factory=dict)
-    flagged_reasons: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def items_per_second(self) -> float:
-        return self.encoded / self.seconds if self.seconds > 0 else 0.0
-
-
 def extract(
     adapter: Adapter,
     ids: Sequence[str],
@@ -151,8 +156,6 @@ def extract(
     happens to silent audio (flagged in ``Lookup.flags``, or made an error).
     """
     checks = checks or ItemChecks()
-    from tqdm.auto import tqdm
-
     store = EmbeddingStore(store_root, adapter.fingerprint, adapter.dim,
                            meta={"adapter": adapter.key(), "config": adapter.config()})
     store.clean_partial()
@@ -198,6 +201,7 @@ def extract(
                         vectors, errs = _encode_one_by_one(adapter, loader.dataset, good, exc)
                     else:
                         errs = [None] * len(good)
+                    stats.encoded += len(good)
                     finite = np.isfinite(vectors).all(axis=1)
                     for j, vec, err, fin, note in zip(good, vectors, errs, finite, notes):
                         if err is None and not fin:
@@ -212,7 +216,6 @@ def extract(
                 bar.update(len(good) + len(bad))
                 flush(shard_size)
             flush(1)
-        stats.encoded = len(todo)
     stats.seconds = time.perf_counter() - start
     result = store.lookup(keys)
     if refused:
@@ -229,7 +232,7 @@ def extract(
 def _judge_silence(result: Lookup, checks: ItemChecks) -> None:
     """Flag (or, with ``drop_silent``, turn into errors) the good items whose audio level is too low."""
     for i, notes in result.notes.items():
-        level = notes.get("audio_db")
+        level = notes.get(AUDIO_DB)
         if level is None or level >= checks.silence_db or not result.ok[i]:
             continue
         level_text = "digital silence" if level <= SILENCE_FLOOR_DB else f"{level:.1f} dBFS"
@@ -255,3 +258,51 @@ def _encode_one_by_one(adapter: Adapter, dataset: _LoadItems, good: list[int],
             errs.append(f"encoder failed: {type(item_exc).__name__}: {item_exc}")
     return vectors, errs
 
+
+
+# ---------------------------------------------------------------------------------------
+# a recipe's data set, every trained modality
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModalityEmbeddings:
+    """One modality's encoder embeddings for the records that hold an item of it."""
+
+    modality: str
+    ids: list[str]              # the records, in row order
+    lookup: Lookup
+    stats: ExtractionStats
+    row_of: dict[str, int] = field(init=False)  # record id -> row
+
+    def __post_init__(self) -> None:
+        self.row_of = {rid: row for row, rid in enumerate(self.ids)}
+
+    def ok_row(self, record_id: str) -> int | None:
+        """The row of the record's item when it is usable (held and embedded), else None."""
+        row = self.row_of.get(record_id)
+        return row if row is not None and bool(self.lookup.ok[row]) else None
+
+    def bad_rows(self) -> list[BadItemRow]:
+        return self.lookup.bad_rows(self.ids, self.modality)
+
+    def flagged_rows(self) -> list[BadItemRow]:
+        return self.lookup.flagged_rows(self.ids, self.modality)
+
+
+def extract_dataset(recipe: Recipe, adapters: dict[str, Adapter], dataset: Dataset,
+                    progress: bool = True) -> dict[str, ModalityEmbeddings]:
+    """Every trained modality of the recipe over the records holding an item of it, through the store."""
+    root = store_root(recipe.extraction.cache_dir, recipe.base_dir)
+    out: dict[str, ModalityEmbeddings] = {}
+    for m in recipe.trained_modalities():
+        records = [r for r in dataset.records if m in r.items]
+        log.info("extracting %d %s items with %s (store %s)", len(records), m, adapters[m].key(),
+                 root / adapters[m].fingerprint)
+        ids = [r.id for r in records]
+        lookup, stats = extract_with_config(adapters[m], ids, [r.items[m] for r in records], recipe.extraction,
+                                            recipe.data, recipe.base_dir, progress)
+        log.info("%s: %d items, %d from the store, %d encoded in %.1fs (%.1f items/s), %d bad",
+                 m, stats.items, stats.cached, stats.encoded, stats.seconds, stats.items_per_second, stats.bad)
+        out[m] = ModalityEmbeddings(m, ids, lookup, stats)
+    return out

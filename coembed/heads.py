@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from coembed.recipe import HeadConfig
+from coembed.config import HeadConfig
 
 
 class IdentityHead(nn.Identity):
@@ -57,7 +57,3 @@ def build_head(config: HeadConfig, in_dim: int, out_dim: int) -> nn.Module:
     if config.type == "mlp":
         return MLPHead(in_dim, out_dim, config.hidden_dim, config.num_layers, config.dropout, config.bias)
     raise ValueError(f"unknown head type {config.type!r}")
-
-
-def is_trainable(head: nn.Module) -> bool:
-    return any(True for _ in head.parameters())

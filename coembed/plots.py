@@ -9,14 +9,18 @@ The UMAP figures reproduce the paper's Figures 2 to 4 on any run:
 * ``umap-train-pairs-<a>-<b>.png``: random training pairs, each pair in one colour (Fig. 4).
 
 They are written to the run folder itself, beside ``training-curve.png``; the
-``umap-*.png`` names are the ones :mod:`coembed.hub` puts on a model card.
+``umap-*.png`` names are the ones a model card shows (:mod:`coembed.model.card`).
 
 The figures of a run are drawn from a small sample the run saves
 (:class:`FigureSample`, ``embeddings/figure_sample.safetensors``: encoder
 vectors, ids and labels, no pickle) and the heads in ``model/``, so
 ``coembed plot RUN`` redraws them from the run folder alone. Figures are drawn
 with matplotlib's Agg renderer (no display, no pyplot state) and written as
-PNG. A class keeps its colour in every figure of a run.
+PNG. A class keeps its colour in every figure of a run. The confusion matrix of
+a zero-shot result is drawn here too (:func:`plot_zero_shot`).
+
+matplotlib and umap-learn are imported by the functions that draw (umap takes
+seconds to import), so a run with ``eval.plots: false`` never loads them.
 """
 
 from __future__ import annotations
@@ -26,26 +30,32 @@ import logging
 import random
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from coembed import layout
+from coembed.config import EvalConfig
+from coembed.dataset import Dataset
+from coembed.extraction import ModalityEmbeddings
+from coembed.metrics import MetricKey, lower_is_better
+from coembed.model import CoEmbedder
+from coembed.record import read_record
+from coembed.training import PairSet
+from coembed.zeroshot import ZeroShotResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from coembed.data import Dataset
-    from coembed.model import CoEmbedder
-    from coembed.recipe import EvalConfig
-    from coembed.run import Embedded
-    from coembed.training import PairSet
-
 log = logging.getLogger(__name__)
 
-TRAINING_CURVE = "training-curve.png"
-SAMPLE_PATH = "embeddings/figure_sample.safetensors"
 SAMPLE_FORMAT = "coembed-figure-sample/1"
 UNLABELLED = "(no label)"
 MARKERS = ("o", "^", "s", "D", "P", "X", "v", "*")
@@ -77,8 +87,6 @@ class FigureSample:
         return sorted({x for labels in self.labels.values() for x in labels})
 
     def save(self, path: Path) -> Path:
-        from safetensors.numpy import save_file
-
         tensors = {f"validation/{m}": np.ascontiguousarray(v, dtype=np.float32) for m, v in self.vectors.items()}
         for name, (a, b) in self.train_pairs.items():
             tensors[f"train_pairs/{name}/a"] = np.ascontiguousarray(a, dtype=np.float32)
@@ -90,9 +98,7 @@ class FigureSample:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> "FigureSample":
-        from safetensors import safe_open
-
+    def load(cls, path: Path) -> FigureSample:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the run saved no figure sample (eval.plots was off?)")
         with safe_open(str(path), framework="numpy") as fh:
@@ -117,8 +123,8 @@ def figure_classes(labels: Sequence[str | None], wanted: int | list[str]) -> lis
     return [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:wanted]]
 
 
-def build_figure_sample(config: "EvalConfig", dataset: "Dataset", embedded: dict[str, "Embedded"],
-                        pairs: list["PairSet"], seed: int) -> FigureSample:
+def build_figure_sample(config: EvalConfig, dataset: Dataset, embedded: dict[str, ModalityEmbeddings],
+                        pairs: list[PairSet], seed: int) -> FigureSample:
     """Pick the figure sample of a run: up to ``figure_items_per_class`` validation records
     of each figure class (records without labels count as one class) and ``figure_pairs``
     random training pairs per pair type."""
@@ -156,7 +162,7 @@ def umap_2d(vectors: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.nda
     n = len(vectors)
     if n < 3:
         raise ValueError(f"a UMAP figure needs at least 3 items, got {n}")
-    import umap
+    import umap  # deferred: umap-learn takes seconds to import (numba)
 
     k = max(2, min(n_neighbors, n - 1))
     init = "spectral" if n > k + 1 else "random"  # the spectral layout needs more points than neighbours + 1
@@ -168,7 +174,7 @@ def umap_2d(vectors: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.nda
 
 def class_colors(classes: Sequence[str]) -> dict[str, tuple[float, float, float, float]]:
     """A colour per class, fixed by the class's position in the sorted list."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # deferred with all of matplotlib: only drawing loads it
 
     names = sorted(classes)
     if len(names) <= 10:
@@ -181,8 +187,8 @@ def class_colors(classes: Sequence[str]) -> dict[str, tuple[float, float, float,
     return {c: cmap(0.05 + 0.9 * i / (len(names) - 1)) for i, c in enumerate(names)}
 
 
-def _figure(width: float = 7.5, height: float = 5.5) -> "Figure":
-    from matplotlib.figure import Figure
+def _figure(width: float = 7.5, height: float = 5.5) -> Figure:
+    from matplotlib.figure import Figure  # deferred: see class_colors
 
     return Figure(figsize=(width, height), layout="constrained")
 
@@ -202,7 +208,7 @@ def _style_map(ax: "Axes", title: str) -> None:
 
 
 def _class_legend(ax: "Axes", colors: dict[str, Any], shown: Sequence[str], modality_markers: dict[str, str]) -> None:
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # deferred: see class_colors
 
     handles = [Line2D([], [], ls="", marker="o", ms=7, color=colors[c], label=c) for c in sorted(set(shown))]
     legend = ax.legend(handles=handles, title="class", loc="upper left", bbox_to_anchor=(1.01, 1.0),
@@ -235,7 +241,7 @@ def plot_classes(points: np.ndarray, labels: Sequence[str], colors: dict[str, An
 def plot_pairs(points_a: np.ndarray, points_b: np.ndarray, name_a: str, name_b: str, markers: dict[str, str],
                title: str, path: Path) -> Path:
     """Pairs as two markers of one colour joined by a faint line (the paper's Figure 4)."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # deferred: see class_colors
     from matplotlib.lines import Line2D
 
     n = len(points_a)
@@ -257,25 +263,29 @@ def plot_pairs(points_a: np.ndarray, points_b: np.ndarray, name_a: str, name_b: 
     return _save(fig, path)
 
 
+def _series(history: list[dict[str, Any]], key: str) -> np.ndarray:
+    """The values of ``key`` over the epochs; NaN where an epoch has none (``null`` in history.jsonl)."""
+    return np.array([np.nan if row.get(key) is None else row[key] for row in history], dtype=float)
+
+
 def plot_history(history: list[dict[str, float]], select_metric: str, path: Path) -> Path:
     """Training loss and validation R@1 (every direction, and the selection metric) per epoch."""
-    from coembed.evaluation import lower_is_better
-
     epochs = [row["epoch"] for row in history]
     fig = _figure(10.0, 4.0)
     loss_ax, val_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [row["loss"] for row in history], color="tab:blue", marker="." if len(epochs) < 40 else None)
+    loss_ax.plot(epochs, _series(history, "loss"), color="tab:blue", marker="." if len(epochs) < 40 else None)
     loss_ax.set_title("training loss (InfoNCE, summed over pair types)", fontsize=10)
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss")
-    keys = [k for k in history[0] if len(k.split("/")) == 2 and k.endswith("/R@1")] if history else []
+    keys = [k for k in history[0] if (p := MetricKey.parse(k)) is not None and not p.level and not p.chance
+            and p.name == "R@1"] if history else []
     for key in keys:
-        val_ax.plot(epochs, [row.get(key, float("nan")) for row in history], label=key, lw=1.2)
+        val_ax.plot(epochs, _series(history, key), label=key, lw=1.2)
     if select_metric not in keys and history and select_metric in history[0]:
-        val_ax.plot(epochs, [row[select_metric] for row in history], label=select_metric, color="black", lw=1.2,
+        val_ax.plot(epochs, _series(history, select_metric), label=select_metric, color="black", lw=1.2,
                     ls=":")
     if history and select_metric in history[0]:
-        values = np.array([row[select_metric] for row in history], dtype=float)
+        values = _series(history, select_metric)
         if not np.all(np.isnan(values)):
             best = int(np.nanargmin(values) if lower_is_better(select_metric) else np.nanargmax(values))
             for ax in (loss_ax, val_ax):
@@ -333,14 +343,12 @@ def _subset(sample: FigureSample, m: str, classes: set[str] | None) -> tuple[np.
     return sample.vectors[m][rows], [sample.labels[m][i] for i in rows]
 
 
-def draw_sample_figures(model: "CoEmbedder", sample: FigureSample, out_dir: Path, seed: int = 0,
+def draw_sample_figures(model: CoEmbedder, sample: FigureSample, out_dir: Path, seed: int = 0,
                         n_neighbors: int = 15, classes: Sequence[str] | None = None) -> list[Path]:
     """Figures 2 to 4 for every modality and pair type of ``sample``; returns the PNG paths.
 
     ``classes`` restricts the class-coloured figures to those classes of the sample.
     """
-    import torch
-
     keep = set(classes) if classes else None
     if keep is not None and (unknown := keep - set(sample.classes)):
         raise ValueError(f"classes not in the figure sample: {sorted(unknown)}; it has: {', '.join(sample.classes)}")
@@ -393,30 +401,30 @@ def draw_sample_figures(model: "CoEmbedder", sample: FigureSample, out_dir: Path
     return written
 
 
+def plot_zero_shot(result: ZeroShotResult, folder: Path) -> Path:
+    """The confusion matrix of a zero-shot result, as ``zeroshot-<name>-confusion.png`` in ``folder``."""
+    return plot_confusion(result.confusion, result.classes, result.title, folder / result.figure_name)
+
+
 def draw_run_figures(run_dir: Path, seed: int | None = None, n_neighbors: int | None = None,
-                     classes: Sequence[str] | None = None, model: "CoEmbedder | None" = None) -> list[Path]:
+                     classes: Sequence[str] | None = None, model: CoEmbedder | None = None) -> list[Path]:
     """Every figure of a run folder (UMAP figures and the training curve), written into it.
 
     ``seed`` and ``n_neighbors`` default to the run's recipe (``seed``, ``eval.umap_neighbors``);
     ``model`` defaults to the run's saved model.
     """
-    import yaml
-
-    from coembed.model import CoEmbedder
-
     run_dir = Path(run_dir)
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else {}
-    seed = int(recipe.get("seed", 0)) if seed is None else seed
-    n_neighbors = int((recipe.get("eval") or {}).get("umap_neighbors", 15)) if n_neighbors is None else n_neighbors
+    record = read_record(run_dir)
+    recipe = record.recipe
+    seed = (recipe.seed if recipe is not None else 0) if seed is None else seed
+    if n_neighbors is None:
+        n_neighbors = recipe.eval.umap_neighbors if recipe is not None else EvalConfig().umap_neighbors
     written: list[Path] = []
-    history_path = run_dir / "history.jsonl"
-    if history_path.is_file():
-        history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
-        if history:
-            select = str((recipe.get("train") or {}).get("select_metric", "mean_r1"))
-            written.append(plot_history(history, select, run_dir / TRAINING_CURVE))
+    if record.history:
+        select = recipe.train.select_metric if recipe is not None else (record.metrics.select_metric or "mean_r1")
+        written.append(plot_history(record.history, select, run_dir / layout.TRAINING_CURVE))
     if model is None:
-        model = CoEmbedder.from_pretrained(run_dir / "model", device="cpu")
-    sample = FigureSample.load(run_dir / SAMPLE_PATH)
+        model = CoEmbedder.from_pretrained(run_dir / layout.MODEL_DIR, device="cpu")
+    sample = FigureSample.load(run_dir / layout.FIGURE_SAMPLE)
     written += draw_sample_figures(model, sample, run_dir, seed, n_neighbors, classes)
     return written

@@ -1,296 +1,129 @@
-"""Recipes: the YAML file that says what to train, validated before any work.
+"""Recipes read and checked before any work: the schema, then what the schema alone cannot know.
 
-A recipe names a data source, one adapter (frozen encoder) and one head per
-modality, the anchor modality whose space everything is projected into, the
-pair types to train on, and the extraction, training and evaluation settings.
-Every key is checked: an unknown key or a bad value fails with a message naming
-the key and what is allowed. ``--set a.b.c=value`` overrides any value.
+:func:`load_recipe` reads a recipe file, applies ``--set`` overrides and
+checks it. Past the schema (:mod:`coembed.config`), it checks that each
+modality's adapter is registered and accepts its options, that the data
+source (and every zero-shot set's source) exists and accepts its options,
+that some head can be trained and that ``train.select_metric`` is a value an
+epoch records, and the zero-shot sets' modalities, text side and templates.
+Every problem found is reported at once, each with its key and what is
+allowed (:class:`~coembed.errors.RecipeError`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from coembed.media import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SILENCE_DB
+from coembed.config import DataConfig, Recipe, apply_overrides, parse_recipe, read_recipe_file
+from coembed.errors import AdapterError, RecipeError, validation_problems
+from coembed.metrics import selectable_metrics
+from coembed.prompts import resolve_templates, text_side
+from coembed.registry import get_adapter_class, input_kinds
+from coembed.sources import SOURCES, source_class
 
-
-class RecipeError(ValueError):
-    """A recipe is invalid; the message names the key and what is allowed."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["Recipe", "RecipeError", "check_recipe", "load_recipe", "recipe_from_dict"]
 
 
-class HeadConfig(_Strict):
-    """A projection head into the anchor space."""
-
-    type: Literal["identity", "linear", "mlp"] = "linear"
-    hidden_dim: int | None = Field(default=None, gt=0, description="MLP hidden width (default: 2x output)")
-    num_layers: int = Field(default=2, ge=2, description="MLP linear layers")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    bias: bool = True
-    identity_init: bool = Field(
-        default=False, description="linear head starts as the identity (needs equal in/out dims)")
-
-
-class ModalityConfig(BaseModel):
-    """One modality: its adapter, the adapter's own options, and its head.
-
-    Keys other than ``adapter``, ``head`` and ``column`` are the adapter's
-    options and are validated against the adapter's declared options.
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    adapter: str
-    head: HeadConfig = Field(default_factory=HeadConfig)
-    column: str | None = Field(default=None, description="data column holding this modality (default: its name)")
-
-    @property
-    def adapter_options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class SplitConfig(_Strict):
-    validation: float = Field(default=0.33, ge=0.0, lt=1.0, description="share of groups held out")
-
-
-class DataConfig(BaseModel):
-    """The data source. ``source`` picks the reader; the rest are its options."""
-
-    model_config = ConfigDict(extra="allow")
-
-    source: str = "manifest"
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    max_bad_fraction: float = Field(default=0.5, ge=0.0, le=1.0,
-                                    description="fail the run when more than this share of items is bad")
-    silent_audio: Literal["keep", "drop"] = Field(
-        default="keep", description="silent audio is always flagged in bad_items.jsonl; keep it or skip it")
-    silence_db: float = Field(default=DEFAULT_SILENCE_DB, lt=0.0,
-                              description="audio below this RMS level (dBFS) is silent")
-    max_image_pixels: int | None = Field(default=DEFAULT_MAX_IMAGE_PIXELS, gt=0,
-                                         description="images above this many pixels are skipped (null: no limit)")
-
-    #: keys of this section that belong to coembed, not to the source
-    COMMON_KEYS: ClassVar[tuple[str, ...]] = ("split", "max_bad_fraction", "silent_audio", "silence_db",
-                                              "max_image_pixels")
-
-    @property
-    def source_options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class ExtractionConfig(_Strict):
-    batch_size: int = Field(default=32, gt=0)
-    num_workers: int = Field(default=2, ge=0)
-    shard_size: int = Field(default=1024, gt=0, description="items per store shard (resume granularity)")
-    cache_dir: str | None = Field(default=None, description="embedding store root (default: ~/.cache/coembed/embeddings)")
-
-
-class TemperatureConfig(_Strict):
-    init: float = Field(default=0.07, gt=0.0)
-    learnable: bool = True
-    min: float = Field(default=0.01, gt=0.0)
-
-
-class TrainConfig(_Strict):
-    epochs: int = Field(default=300, gt=0)
-    batch_size: int = Field(default=4096, gt=1)
-    lr: float = Field(default=1e-4, gt=0.0)
-    optimizer: Literal["adam", "adamw"] = "adam"
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    temperature: TemperatureConfig = Field(default_factory=TemperatureConfig)
-    device: str = "auto"
-    select_metric: str = Field(default="mean_r1", description="validation metric that picks the best checkpoint")
-    patience: int | None = Field(default=None, gt=0, description="stop after this many epochs without improvement")
-
-
-class ZeroShotConfig(_Strict):
-    """One zero-shot classification set: labelled items of one modality against class-name prompts."""
-
-    name: str | None = Field(default=None, description="name of the results (default: the data source's name)")
-    modality: str = Field(default="audio", description="the modality whose items are classified")
-    text_modality: str | None = Field(
-        default=None, description="the text side (default: the modality 'text', else the only one taking text)")
-    templates: str | list[str] | None = Field(
-        default=None, description="prompt templates with '{}' for the class name, or a built-in set's name "
-                                  "(default: the set for the modality)")
-    column: str | None = Field(default=None, description="data column holding the items (default: the modality)")
-    data: DataConfig = Field(description="where the labelled items come from: a data source and its options")
-
-
-class EvalConfig(_Strict):
-    """What ``coembed train`` evaluates and draws after training (see docs/evaluation.md)."""
-
-    plots: bool = Field(default=True, description="draw the UMAP figures and the training curve")
-    report: bool = Field(default=True, description="write report.md into the run folder")
-    figure_classes: Annotated[int, Field(gt=0)] | list[str] = Field(
-        default=10, description="classes in the UMAP figures: how many of the most frequent, or their names")
-    figure_items_per_class: int = Field(default=30, gt=0, description="validation items per class in the figures")
-    figure_pairs: int = Field(default=20, gt=0, description="random training pairs in the pairs figure")
-    umap_neighbors: int = Field(default=15, ge=2, description="UMAP n_neighbors (smaller for small sets)")
-    zero_shot: list[ZeroShotConfig] = Field(default_factory=list, description="zero-shot classification sets")
-
-
-class Recipe(_Strict):
-    name: str = "run"
-    seed: int = 0
-    output_dir: str = "runs"
-    anchor: str
-    modalities: dict[str, ModalityConfig]
-    pairs: list[tuple[str, str]]
-    data: DataConfig = Field(default_factory=DataConfig)
-    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-
-    #: folder relative paths in the recipe resolve against (the working directory at load time)
-    base_dir: str = Field(default=".", exclude=True)
-
-    @field_validator("modalities")
-    @classmethod
-    def _some_modalities(cls, v: dict[str, ModalityConfig]) -> dict[str, ModalityConfig]:
-        if not v:
-            raise ValueError("at least one modality is needed")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "Recipe":
-        names = set(self.modalities)
-        if self.anchor not in names:
-            raise ValueError(f"anchor {self.anchor!r} is not one of the modalities {sorted(names)}")
-        if not self.pairs:
-            raise ValueError("pairs: at least one pair type is needed, e.g. [[image, audio]]")
-        for a, b in self.pairs:
-            for m in (a, b):
-                if m not in names:
-                    raise ValueError(f"pairs: {m!r} is not one of the modalities {sorted(names)}")
-            if a == b:
-                raise ValueError(f"pairs: a pair type needs two different modalities, got [{a}, {b}]")
-        return self
-
-    def resolve_path(self, value: str | Path) -> Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else Path(self.base_dir) / p
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------
-
-
-def _format_errors(exc: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p not in {"function-after[_consistent(), Recipe]"})
-        key = ".".join(x for x in (prefix, loc) if x) or "(recipe)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "literal_error":
-            msg = f"{msg} (got {err.get('input')!r})"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r} must look like key.subkey=value")
-        key, _, raw = item.partition("=")
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise RecipeError(f"override {item!r} names no key")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = _parse_value(raw)
-    return data
-
-
-def validate_adapters(recipe: Recipe) -> None:
-    """Check each modality's adapter exists and accepts its options."""
-    from coembed.registry import AdapterError, get_adapter_class, resolve_key
-
+def adapter_problems(recipe: Recipe) -> list[str]:
+    """Each modality's adapter is registered and accepts its options."""
     problems = []
-    for modality, cfg in recipe.modalities.items():
-        key = resolve_key(modality, cfg.adapter)
+    for modality, key in recipe.adapter_keys().items():
         try:
             cls = get_adapter_class(key)
         except AdapterError as exc:
-            problems.append(f"  modalities.{modality}.adapter: {exc}")
+            problems.append(f"modalities.{modality}.adapter: {exc}")
             continue
         try:
-            cls.Options(**cfg.adapter_options)
+            cls.Options(**recipe.modalities[modality].adapter_options)
         except ValidationError as exc:
             allowed = ", ".join(sorted(cls.Options.model_fields))
-            problems.append(_format_errors(exc, f"modalities.{modality}") + f"\n    ({key} accepts: {allowed})")
-    if problems:
-        raise RecipeError("invalid recipe:\n" + "\n".join(problems))
+            problems += [f"{p} ({key} accepts: {allowed})"
+                         for p in validation_problems(exc, f"modalities.{modality}")]
+    return problems
 
 
-def validate_training(recipe: Recipe) -> None:
-    """Check what training would otherwise refuse only after extraction: a head to train, the select metric."""
-    from coembed.training import metric_names
-
+def training_problems(recipe: Recipe) -> list[str]:
+    """What training would otherwise refuse only after extraction: a head to train, the select metric."""
     problems = []
     if all(cfg.head.type == "identity" for cfg in recipe.modalities.values()):
-        problems.append("  modalities: every head is an identity head, so nothing can be trained; "
+        problems.append("modalities: every head is an identity head, so nothing can be trained; "
                         "give a modality a linear or mlp head")
-    if recipe.train.select_metric not in (known := metric_names(recipe.pairs)):
-        problems.append(f"  train.select_metric: {recipe.train.select_metric!r} is not a validation metric; "
+    if recipe.train.select_metric not in (known := selectable_metrics(recipe.pairs)):
+        problems.append(f"train.select_metric: {recipe.train.select_metric!r} is not a validation metric; "
                         f"known: {', '.join(known)}")
-    if problems:
-        raise RecipeError("invalid recipe:\n" + "\n".join(problems))
+    return problems
 
 
-def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".", check_adapters: bool = True) -> Recipe:
+def source_problems(data: DataConfig, where: str = "data") -> list[str]:
+    """The data section's source is registered and accepts its options."""
+    if data.source not in SOURCES.available():
+        return [f"{where}.source: unknown source {data.source!r}; allowed: {', '.join(SOURCES.available())}"]
     try:
-        recipe = Recipe.model_validate({**data, "base_dir": str(base_dir)})
+        cls = source_class(data.source)
+    except RecipeError as exc:  # registered, but broken
+        return [f"{where}.source: {p}" for p in exc.problems]
+    try:
+        cls.Options(**data.source_options)
     except ValidationError as exc:
-        raise RecipeError("invalid recipe:\n" + _format_errors(exc)) from None
-    validate_training(recipe)
+        allowed = ", ".join([*sorted(cls.Options.model_fields), *DataConfig.COMMON_KEYS])
+        return [f"{p} (source {cls.name!r} accepts: {allowed})" for p in validation_problems(exc, where)]
+    return []
+
+
+def zero_shot_problems(recipe: Recipe) -> list[str]:
+    """Every ``eval.zero_shot`` set: modalities, text side, templates, unique names, source options."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    keys = recipe.adapter_keys()
+    try:
+        kinds: dict[str, str] | None = input_kinds(keys)
+    except AdapterError:
+        kinds = None  # an unknown adapter is reported by adapter_problems
+    for i, zs in enumerate(recipe.eval.zero_shot):
+        where = f"eval.zero_shot.{i}"
+        name = zs.name or zs.data.source
+        if name in seen:
+            problems.append(f"{where}.name: {name!r} is used twice; give each zero-shot set its own name")
+        seen.add(name)
+        if zs.modality not in recipe.modalities:
+            problems.append(f"{where}.modality: {zs.modality!r} is not one of the modalities "
+                            f"{sorted(recipe.modalities)}")
+            continue
+        try:
+            if kinds is not None:
+                text_side(kinds, zs.text_modality, zs.modality)
+            resolve_templates(zs.templates, keys[zs.modality].partition("/")[0])
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+        problems += source_problems(zs.data, f"{where}.data")
+    return problems
+
+
+def check_recipe(recipe: Recipe, check_adapters: bool = True) -> Recipe:
+    """Every check past the schema; :class:`RecipeError` listing all problems found."""
+    problems = training_problems(recipe)
     if check_adapters:
-        validate_adapters(recipe)
-    from coembed.data import validate_source_options
-
-    validate_source_options(recipe)
-    from coembed.zeroshot import validate_zero_shot
-
-    validate_zero_shot(recipe)
+        problems += adapter_problems(recipe)
+    problems += source_problems(recipe.data)
+    problems += zero_shot_problems(recipe)
+    if problems:
+        raise RecipeError(problems)
     return recipe
 
 
+def recipe_from_dict(data: dict[str, Any], base_dir: str | Path = ".", check_adapters: bool = True) -> Recipe:
+    """A checked recipe from a raw mapping; relative paths in it resolve against ``base_dir``."""
+    return check_recipe(parse_recipe(data, base_dir), check_adapters)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_adapters: bool = True) -> Recipe:
-    """Read, override and validate a recipe file.
+    """Read, override and check a recipe file.
 
     Relative paths inside the recipe (data, output_dir, cache_dir) resolve
     against the current working directory, as paths given to a command do.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
-    apply_overrides(data, list(overrides or []))
+    data = apply_overrides(read_recipe_file(path), list(overrides or []))
     return recipe_from_dict(data, base_dir=Path.cwd(), check_adapters=check_adapters)

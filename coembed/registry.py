@@ -1,55 +1,46 @@
-"""Modality adapters and the registry that finds them.
+"""Modality adapters (the API a plugin implements) and the registry that finds them.
 
 An adapter turns raw input of one modality (a path, bytes, an array, a string)
 into a fixed-size vector with a frozen pretrained encoder. Adapters are found
-through the entry-point group ``coembed.modalities``; the built-in ones in
-``coembed_modalities`` register through that same group, so a third-party
-package adds a modality exactly the way coembed adds its own::
+through the entry-point group ``coembed.modalities`` (:mod:`coembed.plugins`);
+the built-in ones in ``coembed_modalities`` register through that same group,
+so a third-party package adds a modality exactly the way coembed adds its own::
 
     [project.entry-points."coembed.modalities"]
     "audio/my-encoder" = "my_package.adapter:MyAudioAdapter"
 
 The entry-point name is ``"<modality>/<name>"`` and must match the class's
-``modality`` and ``name`` attributes. Entry points load lazily, by name; a
-plugin that fails to import is reported by its name without breaking the
-others. ``COEMBED_DISABLE_PLUGINS=1`` ignores every adapter that does not ship
-with coembed.
+``modality`` and ``name`` attributes.
+
+A plugin needs only this module: :class:`Adapter`, :class:`AdapterOptions`,
+and the exceptions it raises, :class:`BadItem` and :class:`WeightsUnavailable`
+(defined in :mod:`coembed.errors`, importable from here).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from coembed.config import resolve_key
+from coembed.devices import resolve_device
+from coembed.errors import AdapterError, BadItem, WeightsUnavailable
+from coembed.layout import weights_path
+from coembed.plugins import PluginGroup
+
+__all__ = ["Adapter", "AdapterError", "AdapterInfo", "AdapterOptions", "BadItem", "WeightsUnavailable",
+           "available_adapters", "create_adapter", "describe_adapters", "get_adapter_class", "input_kinds",
+           "resolve_key"]
+
 ENTRY_POINT_GROUP = "coembed.modalities"
-BUILTIN_DISTRIBUTION = "coembed"
-
-
-class BadItem(Exception):
-    """Raised by :meth:`Adapter.load` for an input that cannot be used.
-
-    The message is the reason written to ``bad_items.jsonl``; the item is
-    skipped and the run goes on.
-    """
-
-
-class AdapterError(Exception):
-    """An adapter cannot be found, configured or loaded."""
-
-
-class WeightsUnavailable(AdapterError):
-    """Pretrained weights cannot be loaded (no network, missing file, ...)."""
 
 
 class AdapterOptions(BaseModel):
@@ -62,12 +53,6 @@ class AdapterOptions(BaseModel):
 
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Adapter(ABC):
@@ -144,17 +129,12 @@ class Adapter(ABC):
         """The local file or folder that the weights option ``option`` names, or ``None``
         when its value names the weights some other way (a tag, a Hub id, random init).
 
-        Decided from the value alone, whether the path exists here or not. Default: a
-        string that is an absolute path, starts with ``~`` or ``.``, or names an existing
-        file or folder. Override where the library reads the value differently.
+        Decided from the value alone, whether the path exists here or not, by
+        :func:`coembed.layout.weights_path`: a value written as a path, or one that
+        cannot be a Hub repo id, is a path. Override (calling ``weights_path`` with
+        the library's own names) where the library reads the value differently.
         """
-        value = getattr(self.options, option)
-        if not isinstance(value, str) or not value:
-            return None
-        path = Path(value).expanduser()
-        if path.is_absolute() or value.startswith((".", "~")) or path.exists():
-            return path.resolve()
-        return None
+        return weights_path(getattr(self.options, option))
 
     def local_weights(self) -> dict[str, Path]:
         """``{option: path}`` for each of :attr:`weights_options` in :meth:`config` that holds a local path."""
@@ -255,59 +235,36 @@ class Adapter(ABC):
 # ---------------------------------------------------------------------------------------
 
 
+def _malformed_key(key: str) -> str | None:
+    return None if "/" in key else "an adapter's entry-point name must be '<modality>/<name>'"
+
+
+ADAPTERS: PluginGroup[Adapter] = PluginGroup(ENTRY_POINT_GROUP, Adapter, "adapter", AdapterError,
+                                             declared_name=lambda cls: cls.key(), check_name=_malformed_key)
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     key: str
     modality: str
     name: str
     distribution: str
-    entry_point: EntryPoint
-
-
-def _plugins_disabled() -> bool:
-    return os.environ.get("COEMBED_DISABLE_PLUGINS", "").lower() in {"1", "true", "yes"}
 
 
 def available_adapters() -> dict[str, AdapterInfo]:
     """Every adapter registered in the ``coembed.modalities`` group, by ``modality/name``."""
-    found: dict[str, AdapterInfo] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist is not None else "?"
-        if _plugins_disabled() and dist != BUILTIN_DISTRIBUTION:
-            continue
-        if "/" not in ep.name:
-            warnings.warn(f"coembed: ignoring adapter entry point {ep.name!r} from {dist}: "
-                          "its name must be '<modality>/<name>'", stacklevel=2)
-            continue
-        modality, name = ep.name.split("/", 1)
-        found[ep.name] = AdapterInfo(ep.name, modality, name, dist, ep)
-    return dict(sorted(found.items()))
-
-
-def resolve_key(modality: str, adapter: str) -> str:
-    """``("audio", "vggish")`` or ``("audio", "audio/vggish")`` -> ``"audio/vggish"``."""
-    return adapter if "/" in adapter else f"{modality}/{adapter}"
+    return {key: AdapterInfo(key, *key.split("/", 1), plugin.distribution)
+            for key, plugin in ADAPTERS.available().items()}
 
 
 def get_adapter_class(key: str) -> type[Adapter]:
     """The adapter class registered as ``key`` (``"modality/name"``)."""
-    adapters = available_adapters()
-    if key not in adapters:
-        known = ", ".join(adapters) or "none"
-        raise AdapterError(f"unknown adapter {key!r}; registered adapters: {known}")
-    info = adapters[key]
-    try:
-        cls = info.entry_point.load()
-    except Exception as exc:  # a broken plugin is reported by name, never fatal for others
-        raise AdapterError(
-            f"adapter {key!r} from distribution {info.distribution!r} failed to import: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
-        raise AdapterError(f"adapter {key!r} ({info.entry_point.value}) is not a coembed Adapter subclass")
-    if cls.key() != key:
-        raise AdapterError(f"adapter entry point {key!r} points at a class that declares {cls.key()!r}")
-    return cls
+    return ADAPTERS.load(key)
+
+
+def input_kinds(adapters: dict[str, str]) -> dict[str, str]:
+    """modality -> how its adapter takes raw items (``"file"`` or ``"text"``), for ``{modality: adapter key}``."""
+    return {m: get_adapter_class(key).raw_input for m, key in adapters.items()}
 
 
 def create_adapter(key: str, **options: Any) -> Adapter:

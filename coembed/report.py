@@ -1,37 +1,28 @@
 """``report.md``: one readable page about a run, built from the run folder's files alone.
 
-It reads ``recipe.yaml``, ``metrics.json``, the figures (``training-curve.png``,
-``umap-*.png``) and the zero-shot results (``zeroshot-*.json`` with their
-confusion matrices) and writes the data counts, the training curve, the
-retrieval and zero-shot tables with their chance levels, the figures and the
-recipe. ``coembed report RUN`` rewrites it, e.g. after ``coembed eval zero-shot RUN``.
+It reads the training record (``recipe.yaml``, ``metrics.json``, through
+:mod:`coembed.record`), the figures (``training-curve.png``, ``umap-*.png``)
+and the zero-shot results (``zeroshot-*.json`` with their confusion matrices)
+and writes the data counts, the training curve, the retrieval and zero-shot
+tables with their chance levels, the figures and the recipe. ``coembed report
+RUN`` rewrites it, as ``coembed eval zero-shot RUN`` and ``coembed eval
+retrieval RUN`` do.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import yaml
-
-from coembed.evaluation import RECALL_KS
-from coembed.plots import TRAINING_CURVE
-from coembed.zeroshot import TOP_K, ZeroShotResult
-
-if TYPE_CHECKING:
-    from coembed.data import Dataset
-    from coembed.model import CoEmbedder
-    from coembed.recipe import Recipe
-    from coembed.run import Embedded
-    from coembed.training import PairSet
-
-log = logging.getLogger(__name__)
-
-REPORT_NAME = "report.md"
+from coembed import layout
+from coembed.metrics import CLASS_LEVEL, RECALL_KS, metric_table
+from coembed.prompts import TOP_K
+from coembed.record import RunRecord, read_record
+from coembed.sources import describe_data
+from coembed.version import __version__
+from coembed.zeroshot import load_results
 
 #: Captions of the UMAP figures, by file-name prefix (``umap-<kind>-...``).
 FIGURE_CAPTIONS = {
@@ -67,62 +58,58 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _directions(metrics: dict[str, float], prefix: str = "") -> list[str]:
-    """Directions (``"audio->image"``) holding ``<direction>/<prefix>R@1``."""
-    out = []
-    for key in metrics:
-        direction, _, rest = key.partition("/")
-        if "->" in direction and rest == f"{prefix}R@1" and direction not in out:
-            out.append(direction)
-    return out
-
-
 def retrieval_rows(metrics: dict[str, float], level: str = "") -> list[list[str]]:
-    """One table row per direction: R@k (chance), median rank, mAP (chance); ``level`` is ``""`` or ``"class/"``."""
+    """One table row per direction: R@k (chance), median rank, mAP (chance); ``level`` is ``""`` or ``"class"``."""
     rows = []
-    for d in _directions(metrics, level):
-        values = {key[len(f"{d}/{level}"):]: v for key, v in metrics.items() if key.startswith(f"{d}/{level}")}
-        rows.append([d] + [_with_chance(values.get(f"R@{k}"), values.get(f"chance/R@{k}")) for k in RECALL_KS]
+    for direction, values in metric_table(metrics, level).items():
+        if "R@1" not in values:
+            continue
+        rows.append([direction] + [_with_chance(values.get(f"R@{k}"), values.get(f"chance/R@{k}")) for k in RECALL_KS]
                     + [_fmt(values.get("median_rank"), 1), _with_chance(values.get("mAP"), values.get("chance/mAP"))])
     return rows
 
 
-def _section_data(metrics: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    counts = metrics.get("counts", {})
-    data = recipe.get("data") or {}
-    where = data.get("path") or data.get("dataset") or ""
-    lines = ["## Data", "", f"Source: `{data.get('source', 'manifest')}`" + (f" ({where})" if where else "") + ".", ""]
-    split = (data.get("split") or {}).get("validation")
-    rows = [["records", str(counts.get("records", "–"))],
-            ["training records", str(counts.get("train_records", "–"))],
-            ["validation records" + (f" ({split:.0%} of groups)" if isinstance(split, float) else ""),
-             str(counts.get("validation_records", "–"))]]
-    for name, p in (counts.get("pairs") or {}).items():
-        rows.append([f"{name} pairs (train / validation)", f"{p['train']} / {p['validation']}"])
-    rows.append(["bad items (skipped)", str(counts.get("bad_items", "–"))])
-    for reason, n in sorted((counts.get("bad_by_reason") or {}).items(), key=lambda kv: -kv[1]):
+def _section_data(record: RunRecord) -> list[str]:
+    counts = record.metrics.counts
+    recipe = record.recipe
+    lines = ["## Data", ""]
+    if recipe is not None:
+        data = describe_data(recipe.data)
+        where = ", ".join(x for x in (data.location, data.split) if x)
+        lines += [f"Source: `{data.source}`" + (f" ({where})" if where else "") + ".", ""]
+    split = f" ({recipe.data.split.validation:.0%} of groups)" if recipe is not None else ""
+
+    def count(value: int | None) -> str:
+        return "–" if value is None else str(value)
+
+    rows = [["records", count(counts.records)], ["training records", count(counts.train_records)],
+            [f"validation records{split}", count(counts.validation_records)]]
+    for name, p in counts.pairs.items():
+        rows.append([f"{name} pairs (train / validation)", f"{p.train} / {p.validation}"])
+    rows.append(["bad items (skipped)", count(counts.bad_items)])
+    for reason, n in sorted(counts.bad_by_reason.items(), key=lambda kv: -kv[1]):
         rows.append([f"&nbsp;&nbsp;{reason}", str(n)])
-    if counts.get("flagged_items"):
-        rows.append(["flagged items (kept)", str(counts["flagged_items"])])
+    if counts.flagged_items:
+        rows.append(["flagged items (kept)", str(counts.flagged_items)])
     lines += _table(["", "count"], rows)
-    lines += ["", "Every skipped item is listed with its reason in `bad_items.jsonl`.", ""]
+    lines += ["", f"Every skipped item is listed with its reason in `{layout.BAD_ITEMS}`.", ""]
     return lines
 
 
-def _section_training(run_dir: Path, metrics: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
-    train = recipe.get("train") or {}
+def _section_training(record: RunRecord) -> list[str]:
+    metrics, recipe = record.metrics, record.recipe
     lines = ["## Training", ""]
-    if (run_dir / TRAINING_CURVE).is_file():
-        lines += [f"![training curve]({TRAINING_CURVE})", "",
+    if (record.folder / layout.TRAINING_CURVE).is_file():
+        lines += [f"![training curve]({layout.TRAINING_CURVE})", "",
                   "Left: the training loss per epoch. Right: validation R@1 per direction; the dashed line marks "
                   "the best epoch, whose heads were kept.", ""]
-    seconds = metrics.get("seconds") or {}
-    rows = [["epochs run", f"{metrics.get('epochs_run', '–')} of {train.get('epochs', '–')}"],
-            ["best epoch", f"{metrics.get('best_epoch', '–')} (by `{metrics.get('select_metric', '–')}`)"],
-            ["final training loss", _fmt(metrics.get("final_loss"), 4)],
-            ["temperature", _fmt(metrics.get("temperature"), 4)],
-            ["batch size, learning rate", f"{train.get('batch_size', '–')}, {train.get('lr', '–')}"],
-            ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) or "–"]]
+    train = recipe.train if recipe is not None else None
+    rows = [["epochs run", f"{_fmt(metrics.epochs_run)} of {train.epochs if train else '–'}"],
+            ["best epoch", f"{_fmt(metrics.best_epoch)} (by `{metrics.select_metric or '–'}`)"],
+            ["final training loss", _fmt(metrics.final_loss, 4)],
+            ["temperature", _fmt(metrics.temperature, 4)],
+            ["batch size, learning rate", f"{train.batch_size}, {train.lr}" if train else "–"],
+            ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in metrics.seconds.items()) or "–"]]
     return lines + _table(["", ""], rows) + [""]
 
 
@@ -133,25 +120,32 @@ def retrieval_tables(metrics: dict[str, float]) -> list[str]:
     if not rows:
         return []
     lines = _table(header, rows) + [""]
-    class_rows = retrieval_rows(metrics, "class/")
+    class_rows = retrieval_rows(metrics, CLASS_LEVEL)
     if class_rows:
         lines += ["Class-level retrieval (a hit is any item of the query's class):", ""]
         lines += _table(header, class_rows) + [""]
     return lines
 
 
-def _section_retrieval(metrics: dict[str, Any]) -> list[str]:
-    tables = retrieval_tables(metrics.get("retrieval") or metrics.get("validation") or {})
+def _section_retrieval(record: RunRecord) -> list[str]:
+    tables = retrieval_tables(record.metrics.headline_metrics)
     lines = ["## Retrieval", "", "On the held-out validation split, with the heads of the best epoch.", ""]
     if not tables:
         return lines + ["No retrieval metrics (too few validation pairs).", ""]
-    return lines + tables + [METRIC_NOTES, ""]
+    lines += tables + [METRIC_NOTES, ""]
+    for name, metrics in record.metrics.retrieval_sets.items():
+        other = retrieval_tables({k: v for k, v in metrics.items() if v is not None})
+        if other:
+            lines += [f"### {name}", "",
+                      f"On other data (`coembed eval retrieval`; `{layout.retrieval_file(name)}` has the counts).", "",
+                      *other]
+    return lines
 
 
-def _section_zero_shot(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
-    results = [ZeroShotResult.load(p) for p in sorted(run_dir.glob("zeroshot-*.json"))]
-    errors = {k: v["error"] for k, v in (metrics.get("zero_shot") or {}).items()
-              if isinstance(v, dict) and "error" in v}
+def _section_zero_shot(record: RunRecord) -> list[str]:
+    run_dir = record.folder
+    results = load_results(run_dir)
+    errors = record.metrics.zero_shot_errors()
     if not results and not errors:
         return []
     lines = ["## Zero-shot classification", "",
@@ -190,7 +184,7 @@ def _section_zero_shot(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
 
 
 def _section_figures(run_dir: Path) -> list[str]:
-    figures = sorted(run_dir.glob("umap-*.png"))
+    figures = sorted(run_dir.glob(layout.FIGURE_GLOB))
     if not figures:
         return []
     lines = ["## Embedding figures", "",
@@ -206,55 +200,34 @@ def _section_figures(run_dir: Path) -> list[str]:
 
 def render_report(run_dir: Path) -> str:
     """The Markdown text of a run's report."""
-    from coembed import __version__
-
-    run_dir = Path(run_dir)
-    recipe_text = (run_dir / "recipe.yaml").read_text(encoding="utf-8") if (run_dir / "recipe.yaml").is_file() else ""
-    recipe = yaml.safe_load(recipe_text) or {}
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-    modalities = recipe.get("modalities") or {}
-    anchor = recipe.get("anchor", "?")
-    pairs = ", ".join("-".join(p) for p in recipe.get("pairs") or [])
-    heads = ", ".join(f"{m} (`{(c or {}).get('adapter', '?')}`, {((c or {}).get('head') or {}).get('type', 'linear')} "
-                      "head)" for m, c in modalities.items())
-    lines = [f"# Run `{recipe.get('name', run_dir.name)}`", "",
-             f"Projection heads trained on {pairs or '?'} pairs into the shared space of **{anchor}**. "
-             f"Modalities: {heads}. Frozen encoders; only the heads were trained.", "",
+    record = read_record(Path(run_dir))
+    recipe = record.recipe
+    if recipe is not None:
+        pairs = ", ".join("-".join(p) for p in recipe.pairs)
+        heads = ", ".join(f"{m} (`{c.adapter}`, {c.head.type} head)" for m, c in recipe.modalities.items())
+        about = (f"Projection heads trained on {pairs} pairs into the shared space of **{recipe.anchor}**. "
+                 f"Modalities: {heads}. Frozen encoders; only the heads were trained.")
+    else:
+        about = f"No readable `{layout.RECIPE}` in this folder."
+    lines = [f"# Run `{record.name}`", "", about, "",
              f"Report written {datetime.now():%Y-%m-%d %H:%M} by coembed {__version__} from the files of "
-             f"`{run_dir.name}`.", ""]
-    lines += _section_data(metrics, recipe)
-    lines += _section_training(run_dir, metrics, recipe)
-    lines += _section_retrieval(metrics)
-    lines += _section_zero_shot(run_dir, metrics)
-    lines += _section_figures(run_dir)
-    lines += ["## Recipe", "", "```yaml", recipe_text.rstrip(), "```", "",
+             f"`{record.folder.name}`.", ""]
+    lines += _section_data(record)
+    lines += _section_training(record)
+    lines += _section_retrieval(record)
+    lines += _section_zero_shot(record)
+    lines += _section_figures(record.folder)
+    lines += ["## Recipe", "", "```yaml", record.recipe_text.rstrip(), "```", "",
               "## Files", "",
-              "`recipe.yaml` the recipe as run · `metrics.json` every number above · `history.jsonl` one line per "
-              "epoch · `bad_items.jsonl` skipped items and why · `train.log` the log · `model/` the trained model "
-              "(`CoEmbedder.from_pretrained`) · `embeddings/figure_sample.safetensors` the figures' sample "
-              "(`coembed plot` redraws them)", ""]
+              f"`{layout.RECIPE}` the recipe as run · `{layout.METRICS}` every number above · `{layout.HISTORY}` one "
+              f"line per epoch · `{layout.BAD_ITEMS}` skipped items and why · `{layout.TRAIN_LOG}` the log · "
+              f"`{layout.MODEL_DIR}/` the trained model (`CoEmbedder.from_pretrained`) · `{layout.FIGURE_SAMPLE}` "
+              "the figures' sample (`coembed plot` redraws them)", ""]
     return "\n".join(lines)
 
 
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` into the run folder; returns its path."""
-    path = Path(run_dir) / REPORT_NAME
+    path = Path(run_dir) / layout.REPORT
     path.write_text(render_report(run_dir), encoding="utf-8")
     return path
-
-
-def publish_run(recipe: "Recipe", run_dir: Path, dataset: "Dataset", embedded: dict[str, "Embedded"],
-                pairs: list["PairSet"], model: "CoEmbedder") -> None:
-    """The end of ``coembed train``: save the figure sample, draw the figures (``eval.plots``) and
-    write ``report.md`` (``eval.report``). A figure that fails is logged; the run stays complete."""
-    from coembed.plots import SAMPLE_PATH, build_figure_sample, draw_run_figures
-
-    build_figure_sample(recipe.eval, dataset, embedded, pairs, recipe.seed).save(run_dir / SAMPLE_PATH)
-    if recipe.eval.plots:
-        try:
-            paths = draw_run_figures(run_dir, model=model)
-            log.info("figures: %s", ", ".join(p.name for p in paths))
-        except Exception:  # a figure is never worth a finished run
-            log.exception("drawing the figures failed; redraw them with `coembed plot %s`", run_dir)
-    if recipe.eval.report:
-        log.info("report: %s", write_report(run_dir))

@@ -1,9 +1,17 @@
 """``coembed train``: a recipe, end to end, into a run folder.
 
-Stages: data source -> split by group -> extraction per modality (cached) ->
-training of the heads on every pair type -> evaluation -> saved model.
+The stages, in order:
 
-A run folder holds::
+1. load the encoders (a missing download stops the run before any work) and build the heads;
+2. read the data source and split it by group (:mod:`coembed.dataset`);
+3. extract every trained modality through the embedding store (:mod:`coembed.extraction`);
+4. train the heads on every pair type (:mod:`coembed.training`);
+5. evaluate: retrieval of the kept heads, the recipe's zero-shot sets (:mod:`coembed.zeroshot`);
+6. save the model and ``metrics.json``: from here on the run's result is safe;
+7. best effort: the figures (:mod:`coembed.plots`) and ``report.md`` (:mod:`coembed.report`); a step that fails
+   is logged with how to redo it, and the run stays complete.
+
+A run folder holds (names in :mod:`coembed.layout`)::
 
     recipe.yaml        the recipe as run (overrides applied)
     train.log          the log
@@ -12,18 +20,16 @@ A run folder holds::
     history.jsonl      one line per epoch: loss, temperature, validation metrics
     metrics.json       best validation metrics, final retrieval (with class level) and
                        zero-shot metrics, counts, timings
-    model/             the trained CoEmbedder (config.json + heads.safetensors)
-    report.md          the run on one page (coembed.report), with its figures:
+    model/             the trained CoEmbedder (config.json + heads.safetensors + model card)
+    report.md          the run on one page, with its figures:
                        training-curve.png, umap-*.png, zeroshot-<name>.json + -confusion.png
     embeddings/        figure_sample.safetensors: what ``coembed plot`` redraws from
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,30 +38,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from coembed.data import Dataset, Record, check_bad_fraction, load_dataset, reason_kind
-from coembed.evaluation import duplicate_groups, headline, unusable_items
-from coembed.extraction import ExtractionStats, extract_with_recipe, store_root
+from coembed import layout
+from coembed.bad_items import check_bad_fraction, count_reasons
+from coembed.config import Recipe
+from coembed.dataset import Dataset, load_dataset
+from coembed.errors import AdapterError, RecipeError, TooManyBadItems
+from coembed.extraction import ModalityEmbeddings, extract_dataset
 from coembed.heads import build_head
+from coembed.metrics import headline
 from coembed.model import CoEmbedder
-from coembed.recipe import Recipe, RecipeError
-from coembed.registry import Adapter, create_adapter, resolve_key
-from coembed.report import publish_run
-from coembed.store import Lookup, content_identity
-from coembed.training import PairSet, Trainer, evaluate_pairs
-from coembed.zeroshot import run_recipe_zero_shot
+from coembed.model.card import write_model_card
+from coembed.model.folder import copy_record
+from coembed.plots import build_figure_sample, draw_run_figures, plot_zero_shot
+from coembed.record import RunCounts, RunMetrics, write_jsonl, write_jsonl_row, write_metrics
+from coembed.registry import Adapter, create_adapter
+from coembed.report import write_report
+from coembed.training import PairSet, Trainer, build_pair_sets, evaluate_pairs
+from coembed.zeroshot import load_results, run_zero_shot
 
 log = logging.getLogger("coembed")
 epoch_log = logging.getLogger("coembed.epochs")  # DEBUG: in train.log; on the console only with --verbose
-
-
-class TooFewPairs(RuntimeError):
-    """A pair type has fewer than 2 usable training pairs."""
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     model: CoEmbedder
+    #: what ``metrics.json`` holds (:class:`~coembed.record.RunMetrics` as a dict)
     metrics: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -74,7 +83,7 @@ def make_run_dir(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
 
 
 def _attach_log_file(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler = logging.FileHandler(run_dir / layout.TRAIN_LOG, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("coembed").addHandler(handler)
     logging.getLogger("coembed").setLevel(logging.DEBUG)
@@ -82,8 +91,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 
 
 def build_adapters(recipe: Recipe) -> dict[str, Adapter]:
-    return {m: create_adapter(resolve_key(m, cfg.adapter), **cfg.adapter_options)
-            for m, cfg in recipe.modalities.items()}
+    return {m: create_adapter(key, **recipe.modalities[m].adapter_options) for m, key in recipe.adapter_keys().items()}
 
 
 def build_heads(recipe: Recipe, adapters: dict[str, Adapter]) -> torch.nn.ModuleDict:
@@ -96,113 +104,35 @@ def build_heads(recipe: Recipe, adapters: dict[str, Adapter]) -> torch.nn.Module
         try:
             heads[m] = build_head(cfg.head, adapters[m].dim, anchor_dim)
         except ValueError as exc:
-            raise RecipeError(f"invalid recipe:\n  modalities.{m}.head: {exc}") from None
+            raise RecipeError(f"modalities.{m}.head: {exc}") from None
     return heads
 
 
-def trained_modalities(recipe: Recipe) -> list[str]:
-    return sorted({m for pair in recipe.pairs for m in pair}, key=list(recipe.modalities).index)
-
-
-@dataclass
-class Embedded:
-    """One modality's embeddings for the records that hold an item of it."""
-
-    row_of: dict[str, int]     # record id -> row
-    lookup: Lookup
-    stats: ExtractionStats
-
-    def ok_row(self, record_id: str) -> int | None:
-        """The row of the record's item when it is usable (held and embedded), else None."""
-        row = self.row_of.get(record_id)
-        return row if row is not None and bool(self.lookup.ok[row]) else None
-
-
-def extract_all(recipe: Recipe, adapters: dict[str, Adapter], dataset: Dataset,
-                progress: bool = True) -> dict[str, Embedded]:
-    root = store_root(recipe)
-    out: dict[str, Embedded] = {}
-    for m in trained_modalities(recipe):
-        records = [r for r in dataset.records if m in r.items]
-        log.info("extracting %d %s items with %s (store %s)", len(records), m, adapters[m].key(),
-                 root / adapters[m].fingerprint)
-        lookup, stats = extract_with_recipe(adapters[m], [r.id for r in records], [r.items[m] for r in records],
-                                            recipe, progress)
-        log.info("%s: %d items, %d from the store, %d encoded in %.1fs (%.1f items/s), %d bad",
-                 m, stats.items, stats.cached, stats.encoded, stats.seconds, stats.items_per_second, stats.bad)
-        out[m] = Embedded({r.id: i for i, r in enumerate(records)}, lookup, stats)
-    return out
-
-
-def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Embedded]) -> list[PairSet]:
-    pairs = []
-    for a, b in recipe.pairs:
-        tensors: list[torch.Tensor] = []
-        paired: list[Record] = []
-        for split in (dataset.train, dataset.validation):
-            rows_a, rows_b, paired = [], [], []
-            for r in split:
-                ia, ib = embedded[a].ok_row(r.id), embedded[b].ok_row(r.id)
-                if ia is not None and ib is not None:
-                    rows_a.append(ia)
-                    rows_b.append(ib)
-                    paired.append(r)
-            tensors += [torch.from_numpy(embedded[a].lookup.vectors[rows_a]),
-                        torch.from_numpy(embedded[b].lookup.vectors[rows_b])]
-        # ``paired`` now holds the validation records, in row order: their labels and duplicate items
-        groups = duplicate_groups([content_identity(r.items[a]) for r in paired],
-                                  [content_identity(r.items[b]) for r in paired])
-        pair = PairSet(a, b, tensors[0], tensors[1], tensors[2], tensors[3],
-                       val_labels=[r.label for r in paired], val_groups=groups)
-        log.info("pair type %s: %d train pairs, %d validation pairs", pair.name, len(pair.train_a), len(pair.val_a))
-        if len(pair.train_a) < 2:
-            raise TooFewPairs(f"pair type {pair.name} has {len(pair.train_a)} usable training pairs; "
-                               "at least 2 are needed (see bad_items.jsonl)")
-        pairs.append(pair)
-    return pairs
-
-
-def bad_item_rows(dataset: Dataset, embedded: dict[str, Embedded]) -> list[dict[str, Any]]:
-    rows = [{"id": b.id, "modality": b.modality, "reason": b.reason} for b in dataset.bad]
-    for m, e in embedded.items():
-        rows += unusable_items(list(e.row_of), m, e.lookup)
+def bad_item_rows(dataset: Dataset, embedded: dict[str, ModalityEmbeddings]) -> list[dict[str, Any]]:
+    """Every skipped item: records the source could not read, items the extraction could not use."""
+    rows = [b.row() for b in dataset.bad]
+    for e in embedded.values():
+        rows += e.bad_rows()
     return rows
 
 
-def flagged_item_rows(embedded: dict[str, Embedded]) -> list[dict[str, Any]]:
-    """Items kept although suspect (silent audio with ``data.silent_audio: keep``)."""
-    rows = []
-    for m, e in embedded.items():
-        ids = list(e.row_of)
-        rows += [{"id": ids[i], "modality": m, "reason": reason, "flagged": True}
-                 for i, reason in sorted(e.lookup.flags.items())]
-    return rows
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    # backslashreplace: a stray surrogate (an undecodable file name) is written as a valid JSON escape
-    with path.open("w", encoding="utf-8", errors="backslashreplace") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def format_summary(metrics: dict[str, Any]) -> str:
+def format_summary(metrics: RunMetrics) -> str:
     """The end-of-run block: what was read, pairs made, bad items by reason, time per stage."""
-    counts = metrics["counts"]
-    read = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts["read"].items())
+    counts = metrics.counts
+    read = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.read.items())
     lines = ["summary", f"  read        {read}"]
-    for m, stats in metrics["extraction"].items():
+    for m, stats in metrics.extraction.items():
         lines.append(f"  {m:<11} {stats['items']} items: {stats['cached']} from the store, {stats['encoded']} "
                      f"encoded ({stats['encoded'] / stats['seconds'] if stats['seconds'] else 0:.1f}/s), "
                      f"{stats['bad']} bad, {stats['flagged']} flagged")
-    lines.append("  pairs       " + ", ".join(f"{name}: {p['train']} train + {p['validation']} validation"
-                                           for name, p in counts["pairs"].items()))
-    lines.append(f"  bad items   {counts['bad_items']}" + "".join(
-        f"\n    {n:>6}  {reason}" for reason, n in sorted(counts["bad_by_reason"].items(), key=lambda kv: -kv[1])))
-    if counts["flagged_items"]:
-        lines.append(f"  flagged     {counts['flagged_items']} (kept)" + "".join(
-            f"\n    {n:>6}  {reason}" for reason, n in sorted(counts["flagged_by_reason"].items())))
-    lines.append("  seconds     " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in metrics["seconds"].items()))
+    lines.append("  pairs       " + ", ".join(f"{name}: {p.train} train + {p.validation} validation"
+                                           for name, p in counts.pairs.items()))
+    lines.append(f"  bad items   {counts.bad_items}" + "".join(
+        f"\n    {n:>6}  {reason}" for reason, n in sorted(counts.bad_by_reason.items(), key=lambda kv: -kv[1])))
+    if counts.flagged_items:
+        lines.append(f"  flagged     {counts.flagged_items} (kept)" + "".join(
+            f"\n    {n:>6}  {reason}" for reason, n in sorted(counts.flagged_by_reason.items())))
+    lines.append("  seconds     " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in metrics.seconds.items()))
     return "\n".join(lines)
 
 
@@ -219,47 +149,48 @@ def train_recipe(recipe: Recipe, run_dir: str | Path | None = None, progress: bo
 
 def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     times: dict[str, float] = {}
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    (run_dir / layout.RECIPE).write_text(recipe.to_yaml())
     log.info("run folder %s", run_dir)
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
 
+    # 1. encoders and heads: a missing download or a head that cannot map its encoder stops the run before any work
     t = time.perf_counter()
     adapters = build_adapters(recipe)
-    for m in trained_modalities(recipe):
-        adapters[m].model  # load weights first: a missing download stops the run before any work
+    for m in recipe.trained_modalities():
+        adapters[m].model
     times["load_encoders"] = time.perf_counter() - t
-    heads = build_heads(recipe, adapters)  # before any work too: a head that cannot map its encoder stops the run
+    heads = build_heads(recipe, adapters)
 
+    # 2. data
     t = time.perf_counter()
     dataset = load_dataset(recipe, progress=progress)
     times["read"] = time.perf_counter() - t
     log.info("data: %d records (%d train, %d validation), %d bad", len(dataset.records), len(dataset.train),
              len(dataset.validation), len(dataset.bad))
     # fail before days of extraction when the source alone is already too bad (a lower bound of the final share)
-    _write_jsonl(run_dir / "bad_items.jsonl", bad_item_rows(dataset, {}))
-    check_bad_fraction(len(dataset.bad), len(dataset.bad) + len(dataset.records) * len(trained_modalities(recipe)),
+    write_jsonl(run_dir / layout.BAD_ITEMS, bad_item_rows(dataset, {}))
+    check_bad_fraction(len(dataset.bad), len(dataset.bad) + len(dataset.records) * len(recipe.trained_modalities()),
                        recipe.data.max_bad_fraction)
 
+    # 3. extraction
     t = time.perf_counter()
-    embedded = extract_all(recipe, adapters, dataset, progress)
+    embedded = extract_dataset(recipe, adapters, dataset, progress)
     times["extract"] = time.perf_counter() - t
-
     bad_rows = bad_item_rows(dataset, embedded)
-    flagged_rows = flagged_item_rows(embedded)
-    _write_jsonl(run_dir / "bad_items.jsonl", bad_rows + flagged_rows)
+    flagged_rows = [row for e in embedded.values() for row in e.flagged_rows()]
+    write_jsonl(run_dir / layout.BAD_ITEMS, bad_rows + flagged_rows)
     n_items = len(dataset.bad) + sum(e.stats.items for e in embedded.values())
     check_bad_fraction(len(bad_rows), n_items, recipe.data.max_bad_fraction)
 
+    # 4. training
     pairs = build_pair_sets(recipe, dataset, embedded)
     t = time.perf_counter()
-    history_path = run_dir / "history.jsonl"
-    with history_path.open("w", encoding="utf-8") as hist:
+    with (run_dir / layout.HISTORY).open("w", encoding="utf-8") as hist:
         def on_epoch(row: dict[str, float]) -> None:
-            hist.write(json.dumps(row) + "\n")
-            hist.flush()
+            write_jsonl_row(hist, row)
             epoch_log.debug("epoch %d loss %.4f %s %.4f", row["epoch"], row["loss"], recipe.train.select_metric,
-                     row.get(recipe.train.select_metric, float("nan")))
+                            row.get(recipe.train.select_metric, float("nan")))
 
         trainer = Trainer(heads, pairs, recipe.train, seed=recipe.seed)
         result = trainer.fit(on_epoch, progress=progress)
@@ -270,39 +201,85 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
                                                "pairs": [list(p) for p in recipe.pairs]})
     model.heads.load_state_dict(heads.state_dict())
 
+    # 5. evaluation
     t = time.perf_counter()
     retrieval = evaluate_pairs(trainer.heads, trainer.pairs, class_level=True)  # the pairs already on the device
     zero_shot = run_recipe_zero_shot(recipe, model, run_dir, progress)
     times["evaluate"] = time.perf_counter() - t
 
-    metrics: dict[str, Any] = {
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "select_metric": recipe.train.select_metric,
-        "validation": result.best_metrics,
-        "retrieval": retrieval,
-        "zero_shot": zero_shot,
-        "final_loss": result.history[-1]["loss"] if result.history else None,
-        "temperature": result.temperature,
-        "counts": {
-            "read": dataset.counts,
-            "records": len(dataset.records),
-            "train_records": len(dataset.train),
-            "validation_records": len(dataset.validation),
-            "bad_items": len(bad_rows),
-            "bad_by_reason": dict(Counter(reason_kind(r["reason"]) for r in bad_rows)),
-            "flagged_items": len(flagged_rows),
-            "flagged_by_reason": dict(Counter(reason_kind(r["reason"]) for r in flagged_rows)),
-            "pairs": {p.name: {"train": len(p.train_a), "validation": len(p.val_a)} for p in pairs},
-        },
-        "extraction": {m: asdict(e.stats) for m, e in embedded.items()},
-        "seconds": {**times, "total": sum(times.values())},
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    publish_run(recipe, run_dir, dataset, embedded, pairs, model)
-    model.save_pretrained(run_dir / "model", run_dir=run_dir)  # last: its card holds the metrics and figures
+    # 6. the result, saved before anything optional can fail
+    metrics = RunMetrics(
+        best_epoch=result.best_epoch, epochs_run=len(result.history), select_metric=recipe.train.select_metric,
+        validation=result.best_metrics, retrieval=retrieval, zero_shot=zero_shot,
+        final_loss=result.history[-1]["loss"] if result.history else None, temperature=result.temperature,
+        counts=RunCounts(read=dataset.counts, records=len(dataset.records), train_records=len(dataset.train),
+                         validation_records=len(dataset.validation), bad_items=len(bad_rows),
+                         bad_by_reason=count_reasons(bad_rows), flagged_items=len(flagged_rows),
+                         flagged_by_reason=count_reasons(flagged_rows),
+                         pairs={p.name: {"train": len(p.train_a), "validation": len(p.val_a)} for p in pairs}),
+        extraction={m: asdict(e.stats) for m, e in embedded.items()},
+        seconds={**times, "total": sum(times.values())},
+    )
+    write_metrics(run_dir, metrics)
+    model_dir = model.save_pretrained(run_dir / layout.MODEL_DIR, run_dir=run_dir)
     log.info("%s", format_summary(metrics))
     log.info("best epoch %d: %s", result.best_epoch, headline(result.best_metrics))
-    log.info("wrote %s", run_dir)
-    return RunResult(run_dir, model, metrics, result.history)
 
+    # 7. best effort
+    publish_run(recipe, run_dir, dataset, embedded, pairs, model, model_dir)
+    log.info("wrote %s", run_dir)
+    return RunResult(run_dir, model, metrics.model_dump(mode="json"), result.history)
+
+
+def run_recipe_zero_shot(recipe: Recipe, model: CoEmbedder, run_dir: Path,
+                         progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Every ``eval.zero_shot`` set of a recipe, results saved into the run folder (figures come later).
+
+    Returns the metrics by set name. A set that cannot be evaluated (missing
+    data, too many bad items) is logged as an error and recorded as
+    ``{"error": ...}``: the trained run stays complete.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for config in recipe.eval.zero_shot:
+        name = config.name or config.data.source
+        try:
+            result = run_zero_shot(model, config, extraction=recipe.extraction, base_dir=recipe.base_dir,
+                                   progress=progress)
+        except (RecipeError, AdapterError, TooManyBadItems, ValueError, OSError) as exc:
+            log.error("zero-shot %s failed: %s", name, exc)
+            out[name] = {"error": str(exc)}
+            continue
+        result.save(run_dir)
+        out[name] = result.metrics
+    return out
+
+
+def publish_run(recipe: Recipe, run_dir: Path, dataset: Dataset, embedded: dict[str, ModalityEmbeddings],
+                pairs: list[PairSet], model: CoEmbedder, model_dir: Path) -> None:
+    """The optional end of ``coembed train``: the figure sample and the figures (``eval.plots``), the
+    model card again with them, and ``report.md`` (``eval.report``). Each step that fails is logged with
+    the command that redoes it; none can undo the saved model and metrics."""
+    def attempt(what: str, redo: str, step: Any) -> bool:
+        try:
+            step()
+            return True
+        except Exception:  # a figure or a report is never worth a finished run
+            log.exception("%s failed; the model and metrics are saved. Redo it with `%s %s`", what, redo, run_dir)
+            return False
+
+    def figures() -> None:
+        build_figure_sample(recipe.eval, dataset, embedded, pairs, recipe.seed).save(run_dir / layout.FIGURE_SAMPLE)
+        if recipe.eval.plots:
+            paths = draw_run_figures(run_dir, model=model)
+            for result in load_results(run_dir):
+                paths.append(plot_zero_shot(result, run_dir))
+            log.info("figures: %s", ", ".join(p.name for p in paths))
+
+    def card() -> None:  # the card shows the figures, which exist only now
+        copy_record(run_dir, model_dir)
+        write_model_card(model_dir, model.folder_config())
+
+    if attempt("drawing the figures", "coembed plot", figures) and recipe.eval.plots:
+        attempt("adding the figures to the model card", "coembed push", card)
+    if recipe.eval.report:
+        attempt("writing the report", "coembed report", lambda: log.info("report: %s", write_report(run_dir)))

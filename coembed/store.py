@@ -31,25 +31,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
+from coembed.bad_items import BadItemRow, rows_of
 from coembed.media import AudioSegment, MediaRef, VideoFrame, safe_text
-
-if TYPE_CHECKING:
-    from coembed.recipe import Recipe
+from coembed.record import write_json
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CACHE_DIR = Path(os.environ.get("COEMBED_CACHE", "~/.cache/coembed")).expanduser() / "embeddings"
-
-
-def store_root(recipe: "Recipe") -> Path:
-    """The embedding store folder a recipe uses (``extraction.cache_dir`` or the default)."""
-    cache_dir = recipe.extraction.cache_dir
-    return recipe.resolve_path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
-
 
 def _stat_identity(path: str) -> str | None:
     """A file's path, size and mtime; ``None`` when it cannot be stat'ed."""
@@ -96,19 +87,11 @@ def content_identity(item: Any) -> str:
         return "dict|" + h.hexdigest()
     if isinstance(item, np.ndarray):
         return "array|" + hashlib.sha256(np.ascontiguousarray(item).tobytes()).hexdigest()
-    if _is_pil_image(item):
+    if isinstance(item, Image.Image):
         h = hashlib.sha256(f"{item.mode}|{item.size}".encode())
         h.update(item.tobytes())
         return "image|" + h.hexdigest()
     return "repr|" + hashlib.sha256(repr(item).encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _is_pil_image(item: Any) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a dependency
-        return False
-    return isinstance(item, Image.Image)
 
 
 def item_key(record_id: str, item: Any) -> str:
@@ -127,6 +110,15 @@ class Lookup:
     notes: dict[int, dict[str, float]] = field(default_factory=dict)  # index -> measurements of the item
     flags: dict[int, str] = field(default_factory=dict)  # index -> why a kept item is suspect
 
+    def bad_rows(self, ids: Sequence[str], modality: str) -> list[BadItemRow]:
+        """A ``bad_items.jsonl`` row for every item (``ids[i]`` is item ``i``) that failed or is not stored."""
+        return (rows_of(ids, modality, self.errors)
+                + rows_of(ids, modality, {i: "missing from the store" for i in self.missing}))
+
+    def flagged_rows(self, ids: Sequence[str], modality: str) -> list[BadItemRow]:
+        """A row for every item kept although suspect (silent audio kept by ``data.silent_audio: keep``)."""
+        return rows_of(ids, modality, self.flags, flagged=True)
+
 
 class EmbeddingStore:
     """Arrow shards of one encoder's outputs (one fingerprint)."""
@@ -138,8 +130,7 @@ class EmbeddingStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.dir / "store.json"
         if not meta_path.exists():
-            _atomic_write_text(meta_path, json.dumps({"fingerprint": fingerprint, "dim": dim, **(meta or {})},
-                                                     indent=2))
+            write_json(meta_path, {"fingerprint": fingerprint, "dim": dim, **(meta or {})})
         # what the shards hold, read on first use: key -> row, and per row its embedding, error and notes
         self._index: dict[str, int] | None = None
         self._parts: list[np.ndarray] = []  # the rows' embeddings, one block per shard until joined
@@ -164,7 +155,7 @@ class EmbeddingStore:
 
         ``notes`` holds optional per-item measurements (JSON-serialisable dicts).
         """
-        import datasets
+        import datasets  # datasets takes a second or more to import: only work that writes a shard pays for it
         from datasets import Dataset, Features, List, Value
 
         datasets.disable_progress_bars()  # the extraction bar is the one that matters
@@ -202,7 +193,7 @@ class EmbeddingStore:
     def _load(self) -> dict[str, int]:
         """Read every shard once: key -> row of the concatenated matrix (first write wins)."""
         if self._index is None:
-            from datasets import load_from_disk
+            from datasets import load_from_disk  # see write_shard
 
             self._index, self._parts, self._errors, self._notes = {}, [], [], []
             for shard in self.shards():
@@ -301,14 +292,3 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def chunked(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(seq), size):
-        yield seq[start : start + size]

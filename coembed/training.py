@@ -12,16 +12,23 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from coembed.evaluation import lower_is_better, mean_recall_at_1, paired_retrieval, ranking_metric_names
+from coembed.config import Recipe, TrainConfig
+from coembed.dataset import Dataset
+from coembed.devices import resolve_device
+from coembed.errors import TooFewPairs
+from coembed.extraction import ModalityEmbeddings
 from coembed.losses import LearnableTemperature, info_nce
-from coembed.recipe import TrainConfig
-from coembed.registry import resolve_device
+from coembed.metrics import (MEAN_R1, duplicate_groups, lower_is_better, mean_recall_at_1, paired_retrieval,
+                             selectable_metrics)
+from coembed.sources import Record
+from coembed.store import content_identity
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +67,41 @@ class TrainResult:
     state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
 
-def metric_names(pairs: Iterable[tuple[str, str]]) -> list[str]:
-    """Every value of an epoch's history row that ``train.select_metric`` may name, for these pair types.
+# ---------------------------------------------------------------------------------------
+# pairs: the one place records are aligned into pairs
+# ---------------------------------------------------------------------------------------
 
-    A direction's metrics are missing from an epoch whose pair type has fewer than 2
-    validation pairs; the epoch then counts as having no value (NaN) for them.
-    """
-    names = ["loss", "temperature", "seconds", "mean_r1"]
-    for a, b in pairs:
-        names += [f"{q}->{g}/{key}" for q, g in ((a, b), (b, a)) for key in ranking_metric_names()]
-    return names
+
+@dataclass
+class AlignedPairs:
+    """The records holding a usable item of both modalities of a pair type, and those items' rows."""
+
+    records: list[Record]
+    rows_a: list[int]
+    rows_b: list[int]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def duplicate_groups(self, a: str, b: str) -> torch.Tensor:
+        """Pairs that share a raw item (by content) on either side form one group (see
+        :func:`coembed.metrics.duplicate_groups`): an item counts once in retrieval."""
+        return duplicate_groups([content_identity(r.items[a]) for r in self.records],
+                                [content_identity(r.items[b]) for r in self.records])
+
+
+def align_pairs(records: Sequence[Record], row_a: Callable[[str], int | None],
+                row_b: Callable[[str], int | None]) -> AlignedPairs:
+    """Pair each record's usable items: ``row_a(record id)`` is the row of its item of one modality, or
+    ``None`` when it has no usable one; records usable on both sides become pairs, in their order."""
+    aligned = AlignedPairs([], [], [])
+    for r in records:
+        ia, ib = row_a(r.id), row_b(r.id)
+        if ia is not None and ib is not None:
+            aligned.records.append(r)
+            aligned.rows_a.append(ia)
+            aligned.rows_b.append(ib)
+    return aligned
 
 
 def evaluate_pairs(heads: nn.ModuleDict, pairs: list[PairSet], chunk_size: int = 1024,
@@ -89,7 +121,7 @@ def evaluate_pairs(heads: nn.ModuleDict, pairs: list[PairSet], chunk_size: int =
             metrics.update(paired_retrieval(heads[p.a](p.val_a), heads[p.b](p.val_b), p.a, p.b, chunk_size,
                                             labels=labels, groups=p.val_groups))
     heads.train(was_training)
-    metrics["mean_r1"] = mean_recall_at_1(metrics)
+    metrics[MEAN_R1] = mean_recall_at_1(metrics)
     return metrics
 
 
@@ -149,12 +181,10 @@ class Trainer:
         return total / max(count, 1)
 
     def fit(self, on_epoch: Callable[[dict[str, float]], None] | None = None, progress: bool = True) -> TrainResult:
-        from tqdm.auto import tqdm
-
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         metric = self.config.select_metric
-        known = metric_names((p.a, p.b) for p in self.pairs)
+        known = selectable_metrics((p.a, p.b) for p in self.pairs)
         if metric not in known:
             raise KeyError(f"train.select_metric {metric!r} is not a validation metric; known: {', '.join(known)}")
         history: list[dict[str, float]] = []
@@ -196,3 +226,25 @@ class Trainer:
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
         self.temperature.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith("temperature.")})
+
+
+def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, ModalityEmbeddings]) -> list[PairSet]:
+    """The train and validation pairs of every pair type of the recipe, from the usable embedded items.
+
+    :class:`~coembed.errors.TooFewPairs` when a pair type has fewer than 2 training pairs.
+    """
+    pairs = []
+    for a, b in recipe.pairs:
+        ea, eb = embedded[a], embedded[b]
+        train = align_pairs(dataset.train, ea.ok_row, eb.ok_row)
+        val = align_pairs(dataset.validation, ea.ok_row, eb.ok_row)
+        pair = PairSet(a, b, torch.from_numpy(ea.lookup.vectors[train.rows_a]),
+                       torch.from_numpy(eb.lookup.vectors[train.rows_b]),
+                       torch.from_numpy(ea.lookup.vectors[val.rows_a]), torch.from_numpy(eb.lookup.vectors[val.rows_b]),
+                       val_labels=[r.label for r in val.records], val_groups=val.duplicate_groups(a, b))
+        log.info("pair type %s: %d train pairs, %d validation pairs", pair.name, len(pair.train_a), len(pair.val_a))
+        if len(pair.train_a) < 2:
+            raise TooFewPairs(f"pair type {pair.name} has {len(pair.train_a)} usable training pairs; "
+                              "at least 2 are needed (see bad_items.jsonl)")
+        pairs.append(pair)
+    return pairs

@@ -11,7 +11,7 @@ The protocol (``docs/evaluation.md`` has the long form):
    template; the prompts are embedded by the text modality (its adapter and
    head), normalised, averaged per class and renormalised, as CLIP does.
 3. Items rank the classes by cosine similarity with the pessimistic tie rule
-   of :mod:`coembed.evaluation`: top-k accuracy is the share of items whose
+   of :mod:`coembed.metrics`: top-k accuracy is the share of items whose
    true class ranks ``<= k``. The predicted class (for the confusion matrix)
    is the true class when it ranks first, else the best other class, so the
    matrix's diagonal is exactly the top-1 accuracy.
@@ -27,92 +27,25 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from coembed.evaluation import chunk_slices, embed_records, encode_labels, model_recipe, rank_gallery, read_records
-
-if TYPE_CHECKING:
-    from coembed.model import CoEmbedder
-    from coembed.recipe import ExtractionConfig, Recipe, ZeroShotConfig
+from coembed import layout
+from coembed.bad_items import check_bad_fraction, count_reasons
+from coembed.config import ExtractionConfig, ZeroShotConfig
+from coembed.evaluation import EvaluationData, embed_records
+from coembed.metrics import chunk_slices, encode_labels, rank_gallery
+from coembed.model import CoEmbedder
+from coembed.prompts import TOP_K, prompt_name, resolve_templates, text_side
+from coembed.record import write_json
+from coembed.registry import input_kinds
 
 log = logging.getLogger(__name__)
-
-#: Built-in prompt template sets; ``{}`` stands for the class name. A model's
-#: modality uses the set named after its adapter's kind (``audio`` for
-#: ``audio/vggish``), else ``plain``.
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
-    "plain": ("{}",),
-    "audio": (
-        "a sound of a {}.",
-        "the sound of {}.",
-        "a recording of {}.",
-        "this is the sound of {}.",
-        "{} can be heard.",
-    ),
-    "image": (
-        "a photo of a {}.",
-        "a blurry photo of a {}.",
-        "a close-up photo of a {}.",
-        "a photo of the {}.",
-        "a drawing of a {}.",
-        "a photo of many {}.",
-    ),
-}
-TOP_K = 5
-
-
-def resolve_templates(templates: str | Sequence[str] | None, kind: str) -> list[str]:
-    """The prompt templates: a list as given, a built-in set by name, or the set for ``kind``."""
-    if templates is None:
-        return list(TEMPLATE_SETS.get(kind, TEMPLATE_SETS["plain"]))
-    if isinstance(templates, str):
-        if templates not in TEMPLATE_SETS:
-            raise ValueError(f"unknown template set {templates!r}; built-in sets: {', '.join(TEMPLATE_SETS)} "
-                             "(or give a list of templates with '{}')")
-        return list(TEMPLATE_SETS[templates])
-    out = list(templates)
-    if not out:
-        raise ValueError("templates: at least one template is needed")
-    for t in out:
-        if t.count("{}") != 1:
-            raise ValueError(f"template {t!r} must hold '{{}}' exactly once, where the class name goes")
-    return out
-
-
-def prompt_name(label: str) -> str:
-    """How a class label reads in a prompt: ``"chirping_birds"`` -> ``"chirping birds"``."""
-    return " ".join(label.replace("_", " ").split())
-
-
-def text_side(kinds: dict[str, str], requested: str | None, classified: str) -> str:
-    """The modality that reads the prompts: ``requested``, else ``text``, else the only text-taking one.
-
-    ``kinds`` maps each modality to how its adapter takes input (``"text"`` or ``"file"``).
-    """
-    if requested is not None:
-        if requested not in kinds:
-            raise ValueError(f"text_modality {requested!r} is not one of the modalities {sorted(kinds)}")
-        if kinds[requested] != "text":
-            raise ValueError(f"text_modality {requested!r} does not take text")
-        found = requested
-    elif kinds.get("text") == "text":
-        found = "text"
-    else:
-        texts = [m for m, k in kinds.items() if k == "text"]
-        if len(texts) != 1:
-            raise ValueError("zero-shot classification needs a text side, a modality whose adapter takes text "
-                             f"(e.g. text/clip); {'none' if not texts else 'several: ' + ', '.join(texts)} found: "
-                             "name it with text_modality")
-        found = texts[0]
-    if found == classified:
-        raise ValueError(f"the classified modality {classified!r} cannot be its own text side")
-    return found
 
 
 def class_embeddings(model: "CoEmbedder", text_modality: str, classes: Sequence[str], templates: Sequence[str],
@@ -183,133 +116,65 @@ class ZeroShotResult:
 
     @property
     def json_name(self) -> str:
-        return f"zeroshot-{self.name}.json"
+        return layout.zero_shot_file(self.name)
 
     @property
     def figure_name(self) -> str:
-        return f"zeroshot-{self.name}-confusion.png"
+        return layout.zero_shot_figure(self.name)
 
-    def save(self, folder: Path) -> list[Path]:
-        """Write ``zeroshot-<name>.json`` and the confusion-matrix figure into ``folder``."""
-        from coembed.plots import plot_confusion
-
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / self.json_name
-        path.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    @property
+    def title(self) -> str:
+        """A two-line caption: what was classified against what, and the top-1 accuracy."""
         m = self.metrics
-        title = (f"zero-shot {self.name}: {self.modality} vs {self.text_modality} prompts\n"
-                 f"top-1 {m['top1']:.1%} (chance {m['chance/top1']:.1%}), {int(m['items'])} items")
-        figure = plot_confusion(self.confusion, self.classes, title, folder / self.figure_name)
-        return [path, figure]
+        return (f"zero-shot {self.name}: {self.modality} vs {self.text_modality} prompts\n"
+                f"top-1 {m['top1']:.1%} (chance {m['chance/top1']:.1%}), {int(m['items'])} items")
+
+    def save(self, folder: Path) -> Path:
+        """Write ``zeroshot-<name>.json`` into ``folder`` (the figure is drawn by :mod:`coembed.plots`)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        return write_json(folder / self.json_name, asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> "ZeroShotResult":
+    def load(cls, path: Path) -> ZeroShotResult:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 
-def run_zero_shot(model: "CoEmbedder", config: "ZeroShotConfig", *, extraction: "ExtractionConfig | None" = None,
-                  base_dir: str | Path = ".", out_dir: Path | None = None, progress: bool = True) -> ZeroShotResult:
-    """Zero-shot classification of one labelled set with ``model``; saved into ``out_dir`` when given."""
-    from coembed.data import check_bad_fraction, reason_kind
-    from coembed.registry import get_adapter_class
+def load_results(folder: Path) -> list[ZeroShotResult]:
+    """Every zero-shot result saved in ``folder``, by name."""
+    return [ZeroShotResult.load(p) for p in sorted(folder.glob(layout.ZERO_SHOT_GLOB))]
 
-    kinds = {m: get_adapter_class(s.adapter).raw_input for m, s in model.specs.items()}
+
+def run_zero_shot(model: CoEmbedder, config: ZeroShotConfig, *, extraction: ExtractionConfig | None = None,
+                  base_dir: str | Path = ".", progress: bool = True) -> ZeroShotResult:
+    """Zero-shot classification of one labelled set with ``model``."""
+    kinds = input_kinds({m: s.adapter for m, s in model.specs.items()})
     if config.modality not in kinds:
         raise ValueError(f"this model has no {config.modality!r} modality; it has: {', '.join(kinds)}")
     text = text_side(kinds, config.text_modality, config.modality)
     templates = resolve_templates(config.templates, model.specs[config.modality].kind)
     name = config.name or config.data.source
-    recipe = model_recipe(model, config.data, [config.modality, text],
-                          columns={config.modality: config.column} if config.column else None,
-                          extraction=extraction, base_dir=base_dir)
-    records, bad_records = read_records(recipe)
-    held = [r for r in records if config.modality in r.items]
+    evaluation = EvaluationData(config.data, extraction or ExtractionConfig(),
+                                ((config.modality, config.column),) if config.column else (), Path(base_dir))
+    read = evaluation.read(model, [config.modality], progress)
+    held = [r for r in read.records if config.modality in r.items]
     labelled = [r for r in held if r.label is not None]
     log.info("zero-shot %s: %d %s items with labels (%d without, %d unreadable records)", name, len(labelled),
-             config.modality, len(held) - len(labelled), len(bad_records))
-    items = embed_records(model, recipe, config.modality, labelled, progress)
-    bad = [{"id": b.id, "modality": b.modality, "reason": b.reason} for b in bad_records] + items.bad
-    check_bad_fraction(len(bad), len(labelled) + len(bad_records), config.data.max_bad_fraction)
+             config.modality, len(held) - len(labelled), len(read.bad))
+    items = embed_records(model, evaluation, config.modality, labelled, progress)
+    bad = [b.row() for b in read.bad] + items.bad
+    check_bad_fraction(len(bad), len(labelled) + len(read.bad), config.data.max_bad_fraction)
     if len(items.ids) == 0:
-        raise ValueError(f"zero-shot {name}: no usable labelled {config.modality} items in {recipe.data.source} data")
+        raise ValueError(f"zero-shot {name}: no usable labelled {config.modality} items in {config.data.source} data")
     targets, classes = encode_labels([str(x) for x in items.labels])
     class_vectors = class_embeddings(model, text, classes, templates)
     ranks, predicted = classify(items.vectors, class_vectors, targets)
     metrics, per_class, confusion = accuracy_metrics(ranks, predicted, targets, classes)
-    counts: dict[str, Any] = {"records": len(records), "labelled": len(labelled),
+    counts: dict[str, Any] = {"records": len(read.records), "labelled": len(labelled),
                               "unlabelled": len(held) - len(labelled), "items": len(items.ids), "bad_items": len(bad),
-                              "bad_by_reason": dict(Counter(reason_kind(b["reason"]) for b in bad))}
+                              "bad_by_reason": count_reasons(bad)}
     data = {"source": config.data.source, **config.data.source_options}
     result = ZeroShotResult(name, config.modality, text, classes, templates, metrics, per_class, confusion,
                             counts, data)
     log.info("zero-shot %s: top-1 %.4f (chance %.4f), top-%d %.4f over %d items, %d classes", name,
              metrics["top1"], metrics["chance/top1"], TOP_K, metrics[f"top{TOP_K}"], len(items.ids), len(classes))
-    if out_dir is not None:
-        result.save(out_dir)
     return result
-
-
-def validate_zero_shot(recipe: "Recipe") -> None:
-    """Check every ``eval.zero_shot`` entry: modalities, text side, templates, unique names, source options."""
-    from coembed.data import modality_kinds, validate_source_options
-    from coembed.recipe import RecipeError
-    from coembed.registry import AdapterError, resolve_key
-
-    if not recipe.eval.zero_shot:
-        return
-    problems: list[str] = []
-    seen: set[str] = set()
-    try:
-        kinds: dict[str, str] | None = modality_kinds(recipe)
-    except AdapterError:
-        kinds = None  # an unknown adapter is reported by validate_adapters
-    for i, zs in enumerate(recipe.eval.zero_shot):
-        where = f"eval.zero_shot.{i}"
-        name = zs.name or zs.data.source
-        if name in seen:
-            problems.append(f"  {where}.name: {name!r} is used twice; give each zero-shot set its own name")
-        seen.add(name)
-        if zs.modality not in recipe.modalities:
-            problems.append(f"  {where}.modality: {zs.modality!r} is not one of the modalities "
-                            f"{sorted(recipe.modalities)}")
-            continue
-        try:
-            if kinds is not None:
-                text_side(kinds, zs.text_modality, zs.modality)
-            kind = resolve_key(zs.modality, recipe.modalities[zs.modality].adapter).partition("/")[0]
-            resolve_templates(zs.templates, kind)
-        except ValueError as exc:
-            problems.append(f"  {where}: {exc}")
-        try:
-            validate_source_options(recipe.model_copy(update={"data": zs.data}))
-        except RecipeError as exc:
-            lines = str(exc).splitlines()[1:]  # drop "invalid recipe:"
-            problems += [line.replace("  data", f"  {where}.data", 1) for line in lines]
-    if problems:
-        raise RecipeError("invalid recipe:\n" + "\n".join(problems))
-
-
-def run_recipe_zero_shot(recipe: "Recipe", model: "CoEmbedder", run_dir: Path,
-                         progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Every ``eval.zero_shot`` set of a recipe, results saved into the run folder.
-
-    Returns the metrics by set name. A set that cannot be evaluated (missing
-    data, too many bad items) is logged as an error and recorded as
-    ``{"error": ...}``: the trained run stays complete.
-    """
-    from coembed.data import TooManyBadItems
-    from coembed.recipe import RecipeError
-    from coembed.registry import AdapterError
-
-    out: dict[str, dict[str, Any]] = {}
-    for config in recipe.eval.zero_shot:
-        name = config.name or config.data.source
-        try:
-            result = run_zero_shot(model, config, extraction=recipe.extraction, base_dir=recipe.base_dir,
-                                   out_dir=run_dir, progress=progress)
-        except (RecipeError, AdapterError, TooManyBadItems, ValueError, OSError) as exc:
-            log.error("zero-shot %s failed: %s", name, exc)
-            out[name] = {"error": str(exc)}
-            continue
-        out[name] = result.metrics
-    return out

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from huggingface_hub import constants, try_to_load_from_cache
+
 #: Seconds to wait for a TCP connection to a download host before calling it unreachable.
 PROBE_TIMEOUT_S = 5.0
 
@@ -44,16 +46,12 @@ def describe_error(exc: BaseException) -> str:
 
 def hub_offline() -> bool:
     """True when Hugging Face Hub offline mode is on (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
-    from huggingface_hub import constants
-
     env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").lower()
     return constants.HF_HUB_OFFLINE or env in _TRUE
 
 
 def hub_endpoint() -> str:
     """The Hugging Face Hub endpoint in use (``HF_ENDPOINT`` or huggingface.co)."""
-    from huggingface_hub import constants
-
     return constants.ENDPOINT
 
 
@@ -86,8 +84,6 @@ def download_blocker(url: str) -> str | None:
 
 def cached_hub_file(repo_id: str, filenames: list[str], cache_dir: str | None) -> str | None:
     """Path of the first of ``filenames`` already in the local Hub cache for ``repo_id``, else ``None``."""
-    from huggingface_hub import try_to_load_from_cache
-
     for filename in filenames:
         found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
         if isinstance(found, str):
@@ -97,8 +93,6 @@ def cached_hub_file(repo_id: str, filenames: list[str], cache_dir: str | None) -
 
 def hub_cache_dir(cache_dir: str | None) -> str:
     """The Hub cache folder that ``cache_dir`` (or the default) means."""
-    from huggingface_hub import constants
-
     return cache_dir or constants.HF_HUB_CACHE
 
 

@@ -31,6 +31,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from PIL import Image
 from pydantic import field_validator
 
+from coembed.layout import weights_path
 from coembed.media import load_image
 from coembed.registry import Adapter, AdapterOptions, WeightsUnavailable
 from coembed_modalities._text import require_text
@@ -135,7 +136,9 @@ def _weights_source(model: str, pretrained: str | None) -> _Source:
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if cfg:
         return _tag_source("tag", pretrained.lower().replace("-", "_"), cfg)
-    return _Source("file", str(Path(pretrained).expanduser().resolve()))
+    path = weights_path(pretrained, hub_ids=False)  # neither a tag nor hf-hub: open_clip reads a checkpoint file
+    assert path is not None
+    return _Source("file", str(path))
 
 
 def _hub_candidates(hf_file: str) -> list[str]:

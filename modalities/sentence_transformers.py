@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -34,7 +33,8 @@ class SentenceTransformerOptions(AdapterOptions):
     """Options of ``text/sentence-transformers``."""
 
     model: str = "sentence-transformers/all-MiniLM-L6-v2"
-    """A Hugging Face Hub id or the path of a local model folder."""
+    """A Hugging Face Hub id, or the path of a local model folder written as a path (absolute, or
+    starting with ``./``, ``../`` or ``~``): ``models/minilm`` is the Hub repo of that name."""
 
     normalize: bool = False
     """L2-normalise the embeddings."""
@@ -62,16 +62,6 @@ class SentenceTransformerAdapter(Adapter):
         get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get_dim())
 
-    def weights_location(self, option: str) -> Path | None:
-        """``model`` as a local model folder: an existing folder, or a value that cannot be a
-        Hub id (``/abs/path``, ``./folder``, ``~/folder``); otherwise it is a Hub id."""
-        from coembed.hub import is_repo_id
-
-        model = self.options.model
-        if os.path.isdir(model) or not is_repo_id(model):
-            return Path(model).expanduser().resolve()
-        return None
-
     def weights_identity(self) -> str:
         location = self.weights_location("model")
         return f"hf-hub:{self._repo_id()}" if location is None else path_identity(location)
@@ -85,7 +75,7 @@ class SentenceTransformerAdapter(Adapter):
         return self.options.cache_dir or os.environ.get("SENTENCE_TRANSFORMERS_HOME")
 
     def _load_model(self) -> torch.nn.Module:
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # ten seconds to import: only when a model loads
 
         model = self.options.model
         location = self.weights_location("model")

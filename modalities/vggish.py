@@ -20,10 +20,12 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
+from safetensors.torch import load_file
 from torch import nn
 from torchvggish import vggish_input, vggish_params
 from torchvggish.torchvggish import PCA_PARAMS, VGG, VGGISH_WEIGHTS, make_layers
 
+from coembed.layout import weights_path
 from coembed.media import load_audio
 from coembed.registry import Adapter, AdapterOptions, BadItem, WeightsUnavailable
 from coembed_modalities._weights import describe_error, download_blocker, none_if_none_string, path_identity
@@ -119,8 +121,6 @@ class VGGishEncoder(nn.Module):
 def _load_state(path: str) -> dict[str, Any]:
     """A state dict from ``.safetensors``, ``.npz`` or a ``torch.save`` file, never unpickling code."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as data:
@@ -164,8 +164,7 @@ class VGGishAdapter(Adapter):
     def weights_location(self, option: str) -> Path | None:
         """``weights`` or ``pca_params`` as a local file; ``release`` and ``None`` (random
         init, or the released PCA parameters) are not one."""
-        value = getattr(self.options, option)
-        return None if value is None or value == "release" else Path(value).expanduser().resolve()
+        return weights_path(getattr(self.options, option), is_name=lambda value: value == "release", hub_ids=False)
 
     def weights_identity(self) -> str:
         if self.options.weights is None:

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from coembed.media import load_audio, load_image
-from coembed.recipe import Recipe, recipe_from_dict
+from coembed.config import Recipe
+from coembed.recipe import recipe_from_dict
 from coembed.registry import Adapter, AdapterOptions, BadItem
 
 

@@ -64,7 +64,7 @@ def toy_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CoEmbedder:
     import torch
 
     from coembed import CoEmbedder
-    from coembed.recipe import HeadConfig
+    from coembed.config import HeadConfig
     from coembed.registry import create_adapter
     from plugins import TOY_ADAPTER_SOURCE, install_plugin
 

@@ -15,16 +15,18 @@ import pytest
 
 
 def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, distribution: str,
-                   entry_points: dict[str, str], modules: dict[str, str]) -> Path:
-    """Write ``modules`` (name -> source) and a dist-info declaring ``entry_points``; return the folder."""
+                   entry_points: dict[str, str], modules: dict[str, str], group: str = "coembed.modalities") -> Path:
+    """Write ``modules`` (name -> source) and a dist-info declaring ``entry_points`` in ``group``; return the folder."""
     root = tmp_path / f"site-{distribution}"
     root.mkdir()
     for name, source in modules.items():
         (root / f"{name}.py").write_text(textwrap.dedent(source))
-    info = root / f"{distribution}-0.1.dist-info"
+    # importlib.metadata reads the name up to the first "-" of the folder name: "coembed-x-0.1" would be a
+    # second "coembed" and hide coembed's own entry points, so the folder takes the normalised name
+    info = root / f"{distribution.replace('-', '_')}-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.1\n")
-    lines = ["[coembed.modalities]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+    lines = [f"[{group}]"] + [f"{k} = {v}" for k, v in entry_points.items()]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     monkeypatch.syspath_prepend(str(root))
     return root

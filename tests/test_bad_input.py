@@ -11,7 +11,8 @@ import pytest
 
 from _media import non_utf8_name, truncate, write_png, write_video, write_wav
 from _toy_adapter import register_toys, toy_recipe
-from coembed.data import TooManyBadItems, reason_kind
+from coembed.bad_items import reason_kind
+from coembed.errors import TooManyBadItems
 from coembed.media import load_audio, load_image
 from coembed.run import train_recipe
 
@@ -167,7 +168,7 @@ def test_manifest_bad_files_are_reported_and_good_ones_of_any_format_kept(tmp_pa
 
 
 def load_records(recipe):
-    from coembed.data import load_dataset
+    from coembed.dataset import load_dataset
 
     return load_dataset(recipe).records
 

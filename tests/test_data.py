@@ -2,8 +2,11 @@ import json
 
 import pytest
 
-from coembed.data import (BadRecord, ManifestOptions, Record, check_bad_fraction, generate_media,
-                          read_manifest_rows, records_from_rows, split_by_group)
+from coembed.bad_items import check_bad_fraction
+from coembed.dataset import split_by_group
+from coembed.sources import BadRecord, Record
+from coembed.sources.generated import generate_media
+from coembed.sources.manifest import ManifestOptions, read_manifest_rows, records_from_rows
 
 KINDS = {"image": "file", "audio": "file", "text": "text"}
 COLUMNS = {"image": "image", "audio": "audio", "text": "text"}
@@ -95,7 +98,7 @@ def test_a_numeric_id_or_group_is_text_and_a_blank_label_is_none(tmp_path):
 
 def test_a_damaged_stamp_of_generated_media_makes_them_again(tmp_path, monkeypatch):
     from _toy_adapter import register_toys, toy_recipe
-    from coembed.data import build_source
+    from coembed.dataset import recipe_source as build_source
 
     register_toys(tmp_path, monkeypatch)
     recipe = toy_recipe(tmp_path, {"source": "generated", "path": "gen", "classes": 2, "items_per_class": 1,
@@ -109,7 +112,7 @@ def test_a_damaged_stamp_of_generated_media_makes_them_again(tmp_path, monkeypat
 def test_esc50_rows_that_are_short_or_repeated_are_bad_records(tmp_path, monkeypatch):
     from _media import write_wav
     from _toy_adapter import register_toys, toy_recipe
-    from coembed.data import build_source
+    from coembed.dataset import recipe_source as build_source
 
     register_toys(tmp_path, monkeypatch)
     write_wav(tmp_path / "esc" / "audio" / "1-1-A-0.wav")
@@ -123,3 +126,55 @@ def test_esc50_rows_that_are_short_or_repeated_are_bad_records(tmp_path, monkeyp
     assert [(r.id, r.group, r.label) for r in out if isinstance(r, Record)] == [("1-1-A-0", "1", "dog")]
     assert [(r.id, r.reason) for r in out if isinstance(r, BadRecord)] == [
         ("1-2-A-0", "esc50.csv line 3: fold None is not a number"), ("1-1-A-0", "duplicate id")]
+
+
+PLUGIN_SOURCE = '''
+from pydantic import Field
+from coembed.sources import BadRecord, Record, Source, SourceOptions, make_record, unique_ids
+
+
+class CountOptions(SourceOptions):
+    n: int = Field(default=4, ge=1)
+
+
+class CountSource(Source):
+    """Records n0, n1, ... with a numbered text item each; n2 twice (a duplicate id)."""
+
+    name = "counting"
+    Options = CountOptions
+
+    def __iter__(self):
+        rows = [make_record(f"n{i}", {"toy": f"item-{i}"}, group=f"g{i % 2}") for i in range(self.options.n)]
+        yield from unique_ids(rows + [make_record("n2", {"toy": "item-2"})])
+        yield BadRecord("row-x", "unreadable row")
+'''
+
+
+def test_a_plugin_source_registers_like_the_built_in_ones(tmp_path, monkeypatch):
+    """Sources are found through the `coembed.sources` entry points, coembed's own and a plugin's alike."""
+    from coembed.dataset import load_dataset
+    from coembed.errors import RecipeError
+    from coembed.recipe import recipe_from_dict
+    from coembed.sources import SOURCES
+    from _toy_adapter import register_toys
+    from plugins import install_plugin
+
+    register_toys(tmp_path, monkeypatch)
+    assert {"manifest", "generated", "video_folder", "hf_dataset", "esc50"} <= set(SOURCES.available())
+    assert all(p.distribution == "coembed" for p in SOURCES.available().values())
+    install_plugin(tmp_path, monkeypatch, "count-plugin", {"counting": "count_source:CountSource"},
+                   {"count_source": PLUGIN_SOURCE}, group="coembed.sources")
+    raw = {"anchor": "toy", "pairs": [["toy", "other"]], "data": {"source": "counting", "n": 6},
+           "modalities": {"toy": {"adapter": "toy/counting", "head": {"type": "identity"}},
+                          "other": {"adapter": "toy/counting", "head": {"type": "linear"}}}}
+    data = load_dataset(recipe_from_dict(raw, base_dir=tmp_path))
+    assert sorted(r.id for r in data.records) == [f"n{i}" for i in range(6)]
+    assert [(b.id, b.reason) for b in data.bad] == [("n2", "duplicate id"), ("row-x", "unreadable row")]
+    with pytest.raises(RecipeError, match=r"data.n: Input should be greater than or equal to 1 \(source 'counting'"):
+        recipe_from_dict({**raw, "data": {"source": "counting", "n": 0}}, base_dir=tmp_path)
+
+    install_plugin(tmp_path, monkeypatch, "broken-plugin", {"broken": "broken_source:Nope"},
+                   {"broken_source": "raise ImportError('missing dependency xyz')\n"}, group="coembed.sources")
+    with pytest.raises(RecipeError, match="data.source: source 'broken' from distribution 'broken-plugin' failed "
+                                          "to import: ImportError: missing dependency xyz"):
+        recipe_from_dict({**raw, "data": {"source": "broken"}}, base_dir=tmp_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coembed.evaluation import (TIE_TOLERANCE, chance_average_precision, chance_recall, duplicate_groups,
+from coembed.metrics import (TIE_TOLERANCE, chance_average_precision, chance_recall, duplicate_groups,
                                 mean_recall_at_1, pair_ranks, paired_retrieval, rank_gallery, recall_metrics)
 
 

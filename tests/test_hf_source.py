@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from _toy_adapter import register_toys, toy_recipe
-from coembed.data import BadRecord, Record, build_source, load_dataset
-from coembed.hf_source import DatasetCell
+from coembed.dataset import load_dataset
+from coembed.dataset import recipe_source as build_source
+from coembed.sources import BadRecord, Record
+from coembed.sources.hf_dataset import DatasetCell
 from coembed.media import load_audio, load_image
-from coembed.recipe import RecipeError
+from coembed.errors import RecipeError
 from coembed.store import content_identity
 
 LABELS = ["dog", "piano", "rain"]

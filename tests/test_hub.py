@@ -1,6 +1,6 @@
 """The Hugging Face Hub, offline: loading a repo id, uploading a model folder, the model card.
 
-Only the network calls are replaced: ``coembed.hub.snapshot_download`` for
+Only the network calls are replaced: ``coembed.model.hub.snapshot_download`` for
 downloads, ``HfApi.create_repo`` / ``HfApi.upload_folder`` for uploads. Every
 Hugging Face cache points into the test's temporary folder.
 """
@@ -23,10 +23,10 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Resp
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
-import coembed.hub
+import coembed.model.hub
 from coembed import CoEmbedder, ModelLoadError
 from coembed.cli import main
-from coembed.hub import DOWNLOAD_PATTERNS
+from coembed.model.hub import DOWNLOAD_PATTERNS
 from plugins import VECTORS
 
 RECIPE = """\
@@ -39,7 +39,7 @@ pairs: [[anchor, other]]
 data: {source: generated, path: data/toy}
 eval:
   zero_shot:
-    - {name: sounds, modality: other, data: {source: hf_dataset, name: org/labelled-sounds, split: test}}
+    - {name: sounds, modality: other, data: {source: hf_dataset, name: org/labelled-sounds, dataset_split: test}}
     - {name: broken, modality: other, data: {source: manifest, path: missing.csv}}
 """
 METRICS = {
@@ -138,7 +138,7 @@ def test_hub_id_downloads_the_model_files_and_loads_them_like_a_folder(
     marker = tmp_path / "executed"
     hostile_repo(toy_model, tmp_path / "remote", marker)
     calls: list[tuple[str, dict[str, Any]]] = []
-    monkeypatch.setattr(coembed.hub, "snapshot_download", fake_hub(tmp_path / "remote", calls))
+    monkeypatch.setattr(coembed.model.hub, "snapshot_download", fake_hub(tmp_path / "remote", calls))
 
     loaded = CoEmbedder.from_pretrained("user/toy-model", "cpu", revision="v1", token="hf_token",
                                         cache_dir=tmp_path / "cache")
@@ -160,7 +160,7 @@ def test_loading_reads_only_the_config_and_the_safetensors(
     marker = tmp_path / "executed"
     remote = hostile_repo(toy_model, tmp_path / "remote", marker)
     # even a download that ignored the patterns and brought every file along
-    monkeypatch.setattr(coembed.hub, "snapshot_download", lambda repo_id, **kwargs: str(remote))
+    monkeypatch.setattr(coembed.model.hub, "snapshot_download", lambda repo_id, **kwargs: str(remote))
     for source in ("user/toy-model", remote):
         loaded = CoEmbedder.from_pretrained(source, "cpu")
         assert torch.equal(loaded.embed(other=VECTORS), toy_model.embed(other=VECTORS))
@@ -198,7 +198,7 @@ def test_hub_errors_become_clear_messages(monkeypatch: pytest.MonkeyPatch, error
     def failing(repo_id: str, **kwargs: Any) -> str:
         raise _http_error(error)
 
-    monkeypatch.setattr(coembed.hub, "snapshot_download", failing)
+    monkeypatch.setattr(coembed.model.hub, "snapshot_download", failing)
     with pytest.raises(ModelLoadError, match=message):
         CoEmbedder.from_pretrained("user/toy-model", revision="v9")
 

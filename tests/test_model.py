@@ -17,10 +17,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import coembed
+import coembed.model.embedder
 from coembed import BadItem, CoEmbedder, ModelLoadError
 from coembed.cli import main
-from coembed.model import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
-from coembed.recipe import HeadConfig
+from coembed.config import HeadConfig
+from coembed.layout import MODEL_CONFIG as CONFIG_NAME
+from coembed.layout import MODEL_WEIGHTS as WEIGHTS_NAME
+from coembed.model import FORMAT_VERSION
 from coembed.registry import AdapterError, create_adapter, get_adapter_class
 from plugins import VECTORS
 
@@ -200,7 +203,7 @@ def test_encoders_load_lazily_once_per_modality(toy_model: CoEmbedder, tmp_path:
         created.append(key)
         return create_adapter(key, **options)
 
-    monkeypatch.setattr(coembed.model, "create_adapter", counting)
+    monkeypatch.setattr(coembed.model.embedder, "create_adapter", counting)
     loaded = CoEmbedder.from_pretrained(saved_toy(toy_model, tmp_path), "cpu")
     assert created == []
     loaded.embed(other=VECTORS)

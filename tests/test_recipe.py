@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from coembed.recipe import RecipeError, apply_overrides, load_recipe
+from coembed.config import apply_overrides
+from coembed.errors import RecipeError
+from coembed.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

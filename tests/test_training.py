@@ -3,7 +3,7 @@ import torch
 
 from coembed.heads import IdentityHead, LinearHead, MLPHead, build_head
 from coembed.losses import LearnableTemperature, info_nce
-from coembed.recipe import HeadConfig, TrainConfig
+from coembed.config import HeadConfig, TrainConfig
 from coembed.training import PairSet, Trainer, evaluate_pairs
 
 

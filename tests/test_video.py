@@ -9,9 +9,11 @@ import pytest
 
 from _media import (FPS, clip_name, frame_level, tone_hz, truncate, write_video, write_vggsound_csv)
 from _toy_adapter import register_toys, toy_recipe
-from coembed.data import BadRecord, Record, build_source, load_dataset, split_by_group
-from coembed.media import AudioSegment, VideoFrame, load_audio, load_image
-from coembed.video import audio_window, frame_times, probe_video
+from coembed.dataset import load_dataset, split_by_group
+from coembed.dataset import recipe_source as build_source
+from coembed.media import AudioSegment, VideoFrame, load_audio, load_image, probe_video
+from coembed.sources import BadRecord, Record
+from coembed.sources.video_folder import audio_window, frame_times
 
 
 def _records(recipe):
@@ -124,7 +126,7 @@ def test_probe_results_are_cached_and_redone_when_a_file_changes(tmp_path, toys,
     assert len(cache_files) == 1 and len(cache_files[0].read_text().splitlines()) == 4
 
     calls = []
-    import coembed.video as video
+    import coembed.sources.video_folder as video
 
     real = video.probe_video
     monkeypatch.setattr(video, "probe_video", lambda path: calls.append(path) or real(path))

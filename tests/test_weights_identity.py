@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 
 from coembed import CoEmbedder, ModelLoadError
 from coembed.cli import main
-from coembed.recipe import HeadConfig
+from coembed.config import HeadConfig
+from coembed.layout import weights_path
 from coembed.registry import Adapter, AdapterOptions, create_adapter
 from coembed_modalities import _weights
 from coembed_modalities.clip import ClipImageAdapter, ClipTextAdapter
@@ -303,3 +304,24 @@ def test_eval_loads_a_model_with_adapter_options(scratch: Path, monkeypatch: pyt
     after = retrieval("after", "--adapter-option", f"text.model={elsewhere}")
     assert after.exit_code == 0, after.output
     assert metrics("after") == metrics("before")
+
+
+def test_a_weights_value_is_a_path_or_a_name_by_its_form_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a value means never depends on this machine's files: a recipe or a saved model means the same
+    everywhere. ``models/minilm`` is the Hub repo of that name whether or not such a folder exists here."""
+    monkeypatch.chdir(tmp_path)
+    before = {v: weights_path(v) for v in ("models/minilm", "./models/minilm", "minilm", "a/b/c", "w.safetensors")}
+    shutil.copytree(MINILM, tmp_path / "models" / "minilm")
+    assert {v: weights_path(v) for v in before} == before
+    assert before["models/minilm"] is None and before["minilm"] is None  # Hub ids
+    assert before["./models/minilm"] == tmp_path / "models" / "minilm"
+    assert before["a/b/c"] == tmp_path / "a" / "b" / "c"  # no Hub id has two slashes
+    assert before["w.safetensors"] == tmp_path / "w.safetensors"  # a weights file name
+    assert weights_path("release", is_name=lambda v: v == "release") is None
+    assert weights_path("vggish", hub_ids=False) == tmp_path / "vggish"
+
+    hub = SentenceTransformerAdapter(model="models/minilm")
+    assert hub.local_weights() == {} and hub.weights_identity() == "hf-hub:models/minilm"
+    local = SentenceTransformerAdapter(model="./models/minilm")
+    assert local.local_weights() == {"model": tmp_path / "models" / "minilm"}
+    assert local.fingerprint == SentenceTransformerAdapter(model=str(MINILM)).fingerprint  # the same content

@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from coembed.cli import main
-from coembed.data import BadRecord, Record
-from coembed.esc50 import Esc50Options, Esc50Source
+from coembed.config import DataConfig, ExtractionConfig, HeadConfig, ZeroShotConfig
+from coembed.errors import RecipeError
 from coembed.model import CoEmbedder
-from coembed.recipe import DataConfig, ExtractionConfig, HeadConfig, RecipeError, ZeroShotConfig, recipe_from_dict
+from coembed.prompts import TEMPLATE_SETS, prompt_name, resolve_templates, text_side
+from coembed.recipe import recipe_from_dict
+from coembed.sources import BadRecord, Record
+from coembed.sources.esc50 import Esc50Options, Esc50Source
 from coembed.registry import create_adapter
-from coembed.zeroshot import (TEMPLATE_SETS, accuracy_metrics, class_embeddings, classify, prompt_name,
-                              resolve_templates, run_zero_shot, text_side)
+from coembed.zeroshot import accuracy_metrics, class_embeddings, classify, run_zero_shot
 from _media import clip_name, write_video, write_vggsound_csv
 from toys import CLASSES, FREQUENCIES, install_tone_adapter, write_esc50, write_tone_manifest
 

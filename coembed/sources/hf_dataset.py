@@ -21,11 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from coembed.data import (BadRecord, Record, Source, SourceOptions, make_record, modality_kinds, record_id,
-                          register_source, unique_ids)
+from coembed.errors import RecipeError
+from coembed.layout import is_repo_id, looks_like_path
 from coembed.media import MediaRef
+from coembed.sources.base import BadRecord, Record, Source, SourceOptions, make_record, record_id, unique_ids
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,17 @@ class HFDatasetOptions(SourceOptions):
     id_column: str | None = Field(default=None, description="default: the row number")
     group_column: str | None = Field(default=None, description="default: each record is its own group")
     label_column: str | None = Field(default=None, description="ClassLabel values become their names")
+
+    def location(self) -> str | None:
+        return self.path or self.name
+
+    def split_name(self) -> str | None:
+        return self.dataset_split
+
+    def hub_dataset(self) -> str | None:
+        """The Hub data set this reads, when ``name`` is a Hub id (not a builder, not a local folder)."""
+        name = self.name
+        return name if name and "/" in name and is_repo_id(name) and not looks_like_path(name) else None
 
     @model_validator(mode="after")
     def _one_origin(self) -> "HFDatasetOptions":
@@ -70,7 +83,6 @@ class DatasetCell(MediaRef):
         return f"dataset|{self.origin}|{self.column}|{self.row}"
 
 
-@register_source
 class HFDatasetSource(Source):
     """Rows of a Hugging Face data set; one column per modality."""
 
@@ -78,25 +90,19 @@ class HFDatasetSource(Source):
     Options = HFDatasetOptions
     options: HFDatasetOptions
 
-    def describe(self) -> str:
-        o = self.options
-        return f"Hugging Face data set {o.path or o.name}" + (f" [{o.dataset_split}]" if o.dataset_split else "")
-
     def _open(self) -> Any:
-        import datasets
-
-        from coembed.recipe import RecipeError
+        import datasets  # datasets takes a second or more to import: only a run that reads one pays for it
 
         o = self.options
         if o.path is not None:
-            folder = self.recipe.resolve_path(o.path)
+            folder = self.context.resolve_path(o.path)
             if not folder.exists():
                 raise RecipeError(f"data.path: saved data set not found: {folder}")
             ds = datasets.load_from_disk(str(folder))
             origin = f"load_from_disk {folder}"
         else:
             assert o.name is not None
-            local = self.recipe.resolve_path(o.name)
+            local = self.context.resolve_path(o.name)
             name = str(local) if local.exists() else o.name
             origin = f"load_dataset {name}"
             try:
@@ -115,13 +121,11 @@ class HFDatasetSource(Source):
 
     def _columns(self, ds: Any) -> dict[str, str]:
         """modality -> column that exists in ``ds``; an explicit mapping to a missing column is an error."""
-        from coembed.recipe import RecipeError
-
         explicit = self.options.columns
-        unknown = sorted(set(explicit) - set(self.recipe.modalities))
+        unknown = sorted(set(explicit) - set(self.context.modalities))
         if unknown:
             raise RecipeError(f"data.columns: {unknown} are not modalities of the recipe "
-                              f"({sorted(self.recipe.modalities)})")
+                              f"({sorted(self.context.modalities)})")
         mapping = {m: explicit.get(m, col) for m, col in self.columns.items()}
         out = {}
         for modality, column in mapping.items():
@@ -139,14 +143,15 @@ class HFDatasetSource(Source):
         return out
 
     def __iter__(self) -> Iterator[Record | BadRecord]:
-        import datasets
-        import pyarrow.compute as pc
+        import datasets  # see _open
 
         o = self.options
         ds = self._open()
         columns = self._columns(ds)
-        kinds = modality_kinds(self.recipe)
-        origin = str(getattr(ds, "_fingerprint", None) or self.describe())
+        kinds = self.context.kinds
+        # the store keys cells by origin: a data set without a fingerprint is named by its options
+        origin = str(getattr(ds, "_fingerprint", None)
+                     or f"Hugging Face data set {o.path or o.name}" + (f" [{o.dataset_split}]" if o.dataset_split else ""))
         for column in set(columns.values()):
             feature = ds.features[column]
             if isinstance(feature, datasets.Image):

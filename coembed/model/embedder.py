@@ -1,21 +1,9 @@
 """The trained co-embedder: frozen adapters + projection heads into one anchor space.
 
-A saved model is a folder::
-
-    config.json          format version, coembed version, anchor, output dim, and per
-                         modality: adapter key, adapter config (model, weights tag and every
-                         other output-changing option), weights identity, encoder
-                         fingerprint, input dim, head config
-    heads.safetensors    the heads' weights (``<modality>.<param>``)
-    README.md            the model card (written by :mod:`coembed.hub`)
-    recipe.yaml, metrics.json, umap*.png
-                         the training record, when the model was saved with one
-
-Loading is strict and safe: only ``config.json`` (JSON, validated key by key)
-and ``heads.safetensors`` are read; nothing is unpickled and no code from the
-folder runs. Every head weight must be present with its expected shape and no
-other may be, and each head's input dimension and encoder fingerprint are
-checked against the adapter that will feed it when that adapter is created.
+:class:`CoEmbedder` embeds raw inputs of any of its modalities into the shared
+space, saves itself as a model folder (:mod:`coembed.model.folder`, with a
+model card, :mod:`coembed.model.card`) and loads from a folder, a run or the
+Hugging Face Hub (:mod:`coembed.model.hub`).
 
 Encoders whose weights were a local file or folder are identified by content, so
 the model loads on another machine with ``adapter_options`` pointing at a copy
@@ -24,7 +12,6 @@ of the same weights there (see :meth:`CoEmbedder.from_pretrained`).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -34,84 +21,31 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 from torch import nn
 
+from coembed import layout
+from coembed.config import HeadConfig
+from coembed.devices import resolve_device
+from coembed.errors import AdapterError, ModelLoadError
 from coembed.heads import build_head
 from coembed.media import Waveform
-from coembed.recipe import HeadConfig
-from coembed.registry import Adapter, AdapterError, create_adapter, resolve_device
+from coembed.model.card import write_model_card
+from coembed.model.folder import (FORMAT_VERSION, ModalitySpec, ModelConfig, check_adapter_matches,
+                                  check_local_weights, copy_record, load_heads, options_problem, read_config,
+                                  save_heads, write_config)
+from coembed.model.hub import locate_model, upload_folder
+from coembed.registry import Adapter, create_adapter
+from coembed.version import __version__
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "heads.safetensors"
-FORMAT_VERSION = 1
-#: Modalities :meth:`CoEmbedder.embed` names as keywords (and ``coembed encode`` as options); others go by ``**inputs``.
-NAMED_MODALITIES = ("image", "audio", "text")
 
 Item: TypeAlias = "str | os.PathLike[str] | bytes | Image | np.ndarray | torch.Tensor | tuple[np.ndarray | torch.Tensor, int]"
 """One raw input: a path, bytes, a PIL image, an array (an image, or a waveform with its
 sample rate), an ``(array, sample_rate)`` pair, or a string (text)."""
 Items: TypeAlias = "Item | list[Item] | tuple[Item, ...]"
 """One item, or a list of items (which may mix kinds)."""
-
-
-class ModelLoadError(ValueError):
-    """A model cannot be loaded: missing, malformed, written by a newer coembed, or its
-    heads do not fit the encoders that would feed them. The message says why."""
-
-
-class ModalitySpec(BaseModel):
-    """How one modality reaches the shared space: one entry of ``config.json``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    adapter: str = Field(description="adapter key, e.g. 'audio/vggish'")
-    adapter_config: dict[str, Any] = Field(description="the adapter's options (runtime ones excluded)")
-    weights: str = Field(description="the encoder's weights identity at training time")
-    fingerprint: str = Field(description="the encoder fingerprint the head was trained on")
-    input_dim: int = Field(gt=0)
-    head: HeadConfig
-
-    @property
-    def kind(self) -> str:
-        """The adapter's modality kind: ``"audio"`` for ``"audio/vggish"``."""
-        return self.adapter.partition("/")[0]
-
-
-class ModelConfig(BaseModel):
-    """The content of ``config.json``; unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format_version: int
-    coembed_version: str
-    anchor: str
-    output_dim: int = Field(gt=0)
-    modalities: dict[str, ModalitySpec]
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ModelConfig:
-        if self.anchor not in self.modalities:
-            raise ValueError(f"anchor {self.anchor!r} is not one of the modalities {sorted(self.modalities)}")
-        if self.modalities[self.anchor].input_dim != self.output_dim:
-            raise ValueError(f"the anchor's input_dim ({self.modalities[self.anchor].input_dim}) must equal "
-                             f"output_dim ({self.output_dim})")
-        return self
-
-
-def _version() -> str:
-    from coembed import __version__
-
-    return __version__
-
-
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: "
-                     f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}" for err in exc.errors())
 
 
 class CoEmbedder(nn.Module):
@@ -143,9 +77,7 @@ class CoEmbedder(nn.Module):
     def from_adapters(cls, anchor: str, adapters: dict[str, Adapter], heads: dict[str, HeadConfig],
                       metadata: dict[str, Any] | None = None) -> CoEmbedder:
         """A model (with freshly initialised heads) around already created adapters."""
-        specs = {m: ModalitySpec(adapter=a.key(), adapter_config=a.config(), weights=a.weights_identity(),
-                                 fingerprint=a.fingerprint, input_dim=a.dim, head=heads[m])
-                 for m, a in adapters.items()}
+        specs = {m: ModalitySpec.of(a, heads[m]) for m, a in adapters.items()}
         model = cls(anchor, specs, adapters[anchor].dim, metadata)
         model._adapters.update(adapters)
         return model
@@ -171,7 +103,7 @@ class CoEmbedder(nn.Module):
             except ValidationError as exc:
                 given = f", with adapter_options {overrides}" if overrides else ""
                 raise ModelLoadError(f"{modality}: adapter {spec.adapter} does not accept the options this model "
-                                     f"was trained with{given} ({_validation_message(exc)})") from None
+                                     f"was trained with{given} ({options_problem(exc)})") from None
             except AdapterError as exc:
                 raise AdapterError(f"{modality}: this model needs adapter {spec.adapter!r}: {exc}") from exc
             check_local_weights(modality, spec, adapter)
@@ -268,11 +200,18 @@ class CoEmbedder(nn.Module):
         return sims.numpy() if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else sims
 
     # -- save / load -----------------------------------------------------------------
+    def folder_config(self) -> ModelConfig:
+        """The content of ``config.json``, typed."""
+        return ModelConfig(format_version=FORMAT_VERSION, coembed_version=__version__, anchor=self.anchor,
+                           output_dim=self.output_dim, modalities=self.specs, metadata=self.metadata)
+
     def config(self) -> dict[str, Any]:
         """The content of ``config.json`` (JSON-serialisable)."""
-        return ModelConfig(format_version=FORMAT_VERSION, coembed_version=_version(), anchor=self.anchor,
-                           output_dim=self.output_dim, modalities=self.specs,
-                           metadata=self.metadata).model_dump(mode="json")
+        return self.folder_config().model_dump(mode="json")
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """Every head's weights, as ``heads.safetensors`` holds them (``"<modality>.<param>"``)."""
+        return {f"{m}.{k}": v for m, head in self.heads.items() for k, v in head.state_dict().items()}
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, run_dir: str | os.PathLike[str] | None = None,
                         repo_id: str | None = None) -> Path:
@@ -286,20 +225,15 @@ class CoEmbedder(nn.Module):
                 this model was loaded from, if any.
             repo_id: the Hub repo the card's usage example loads from.
         """
-        from safetensors.torch import save_file
-
-        from coembed import hub
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         record = Path(run_dir) if run_dir is not None else self.record_dir
         if record is not None:
-            hub.copy_record(record, directory)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2) + "\n", encoding="utf-8")
-        state = {f"{m}.{k}": v.detach().cpu().contiguous() for m, head in self.heads.items()
-                 for k, v in head.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        hub.write_model_card(directory, self.config(), repo_id=repo_id)
+            copy_record(record, directory)
+        config = self.folder_config()
+        write_config(directory, config)
+        save_heads(directory, self.head_state())
+        write_model_card(directory, config, repo_id=repo_id)
         return directory
 
     @classmethod
@@ -331,9 +265,7 @@ class CoEmbedder(nn.Module):
                 weights that do not match the config, or ``adapter_options``
                 for a modality the model does not have.
         """
-        from coembed import hub
-
-        model_dir, record_dir = hub.locate_model(model_id, revision=revision, cache_dir=cache_dir, token=token,
+        model_dir, record_dir = locate_model(model_id, revision=revision, cache_dir=cache_dir, token=token,
                                                  local_files_only=local_files_only)
         model = cls._from_folder(model_dir, device, adapter_options or {})
         model.record_dir = record_dir
@@ -342,42 +274,23 @@ class CoEmbedder(nn.Module):
     @classmethod
     def _from_folder(cls, directory: Path, device: str | None,
                      adapter_options: Mapping[str, Mapping[str, Any]]) -> CoEmbedder:
-        config = read_config(directory / CONFIG_NAME)
+        config = read_config(directory / layout.MODEL_CONFIG)
         try:
             model = cls(config.anchor, config.modalities, config.output_dim, config.metadata)
         except ValueError as exc:  # a head config that cannot map input_dim to output_dim
-            raise ModelLoadError(f"{directory / CONFIG_NAME}: {exc}") from None
+            raise ModelLoadError(f"{directory / layout.MODEL_CONFIG}: {exc}") from None
         unknown = sorted(set(adapter_options) - set(model.specs))
         if unknown:
             raise ModelLoadError(f"adapter_options name modalities this model does not have: {', '.join(unknown)}; "
                                  f"it has: {', '.join(model.specs)}")
-        model._load_heads(directory / WEIGHTS_NAME)
+        model._load_heads(directory / layout.MODEL_WEIGHTS)
         model._device = device
         model._adapter_overrides = {m: dict(options) for m, options in adapter_options.items()}
         model.heads.to(resolve_device(device or "auto"))
         return model
 
     def _load_heads(self, path: Path) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        if not path.is_file():
-            raise ModelLoadError(f"{path} is missing")
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{path} is not a readable safetensors file: {exc}") from None
-        expected = {f"{m}.{k}": v for m, head in self.heads.items() for k, v in head.state_dict().items()}
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ModelLoadError(f"{path} does not match {CONFIG_NAME}: missing weights {missing or 'none'}, "
-                                 f"unexpected weights {unexpected or 'none'}")
-        for key, value in expected.items():
-            if state[key].shape != value.shape:
-                raise ModelLoadError(f"{path}: weight {key} has shape {tuple(state[key].shape)}, "
-                                     f"{CONFIG_NAME} implies {tuple(value.shape)}")
-            if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
-                raise ModelLoadError(f"{path}: weight {key} holds NaN or infinite values")
+        state = load_heads(path, self.head_state())
         for m, head in self.heads.items():
             head.load_state_dict({k: state[f"{m}.{k}"] for k in head.state_dict()}, strict=True)
 
@@ -389,11 +302,9 @@ class CoEmbedder(nn.Module):
         with ``run_dir`` or when loaded from a folder with one, the training
         record and figures) is built in a temporary folder and uploaded in one commit.
         """
-        from coembed import hub
-
         with tempfile.TemporaryDirectory(prefix="coembed-push-") as tmp:
             self.save_pretrained(tmp, run_dir=run_dir, repo_id=repo_id)
-            return hub.upload_folder(Path(tmp), repo_id, private=private, token=token,
+            return upload_folder(Path(tmp), repo_id, private=private, token=token,
                                      commit_message=commit_message)
 
 
@@ -426,49 +337,3 @@ def _audio_item(item: Any, sample_rate: int | None, index: int) -> Any:
     if samples.ndim == 2 and samples.shape[0] < samples.shape[1]:
         samples = samples.T  # [channels, samples] (torchaudio, librosa) -> [samples, channels]
     return Waveform(samples, int(rate))
-
-
-def read_config(path: Path) -> ModelConfig:
-    """Read and validate ``config.json``; refuses a newer format and any malformed or unknown key."""
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing: not a coembed model folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    version = data.get("format_version") if isinstance(data, dict) else None
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ModelLoadError(f"{path} has no integer format_version: not a coembed model config")
-    if version > FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{path} was written by coembed {data.get('coembed_version', '?')} in model format {version}; "
-            f"this coembed ({_version()}) reads format {FORMAT_VERSION} or older: upgrade coembed")
-    try:
-        return ModelConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ModelLoadError(f"{path} is malformed: {_validation_message(exc)}") from None
-
-
-def check_local_weights(modality: str, spec: ModalitySpec, adapter: Adapter) -> None:
-    """Refuse an encoder whose weights option names a local path that is not there, saying how to point
-    it at a copy of the weights the head was trained on."""
-    for option, path in adapter.local_weights().items():
-        if not path.exists():
-            raise ModelLoadError(
-                f"{modality}: adapter {adapter.key()} option {option}={str(path)!r} names weights that do not exist "
-                f"on this machine (the head was trained on weights {spec.weights}). Point it at a copy of those "
-                f"weights: CoEmbedder.from_pretrained(..., adapter_options={{{modality!r}: {{{option!r}: "
-                f"'/path/to/copy'}}}}), or on the command line --adapter-option {modality}.{option}=/path/to/copy")
-
-
-def check_adapter_matches(modality: str, spec: ModalitySpec, adapter: Adapter) -> None:
-    """Refuse to feed a head from an encoder other than the one it was trained on."""
-    if adapter.dim != spec.input_dim:
-        raise ModelLoadError(
-            f"{modality}: the head expects {spec.input_dim}-dim input but adapter {adapter.key()} "
-            f"gives {adapter.dim}-dim vectors")
-    if adapter.fingerprint != spec.fingerprint:
-        raise ModelLoadError(
-            f"{modality}: the head was trained on encoder {spec.fingerprint} (weights: {spec.weights}) but "
-            f"adapter {adapter.key()} with {adapter.config()} is encoder {adapter.fingerprint} "
-            f"(weights: {adapter.weights_identity()})")

@@ -21,7 +21,8 @@ from typing import Iterator
 
 from pydantic import Field
 
-from coembed.data import BadRecord, Record, Source, SourceOptions, make_record, register_source, unique_ids
+from coembed.errors import RecipeError
+from coembed.sources.base import BadRecord, Record, Source, SourceOptions, make_record, unique_ids
 
 REQUIRED_COLUMNS = ("filename", "fold", "category")
 
@@ -34,8 +35,11 @@ class Esc50Options(SourceOptions):
     meta: str = Field(default="meta/esc50.csv", description="the metadata file, relative to path")
     audio_dir: str = Field(default="audio", description="the folder of the clips, relative to path")
 
+    def split_name(self) -> str | None:
+        parts = ([f"folds {', '.join(map(str, self.folds))}"] if self.folds else []) + (["ESC-10"] if self.esc10 else [])
+        return ", ".join(parts) or None
 
-@register_source
+
 class Esc50Source(Source):
     """ESC-50 clips with their category as label."""
 
@@ -45,19 +49,13 @@ class Esc50Source(Source):
 
     @property
     def root(self) -> Path:
-        return self.recipe.resolve_path(self.options.path)
-
-    def describe(self) -> str:
-        folds = ", ".join(map(str, self.options.folds)) if self.options.folds else "all"
-        return f"ESC-50 in {self.root} (folds {folds}{', ESC-10 only' if self.options.esc10 else ''})"
+        return self.context.resolve_path(self.options.path)
 
     def __iter__(self) -> Iterator[Record | BadRecord]:
-        from coembed.recipe import RecipeError
-
         o = self.options
-        if o.modality not in self.recipe.modalities:
+        if o.modality not in self.context.modalities:
             raise RecipeError(f"data.modality: {o.modality!r} is not one of the modalities "
-                              f"{sorted(self.recipe.modalities)}")
+                              f"{sorted(self.context.modalities)}")
         meta = self.root / o.meta
         if not meta.is_file():
             raise RecipeError(f"data.path: {meta} not found; an ESC-50 folder holds {o.audio_dir}/ and {o.meta}")

@@ -5,10 +5,10 @@ CSV without a header (YouTube id, start second, label, split) and clips named
 from id and start (``<id>_<start:06d>.mp4``, or ``<id>_<start>.mp4``). Without
 a CSV it takes every video under the folder, unlabelled.
 
-Every video is probed once with PyAV, in parallel threads: it needs a video
-stream (for an image modality) and an audio stream (for an audio modality),
-data up to the duration its header states, and at least ``min_seconds`` where
-both streams overlap. A video that fails becomes a :class:`~coembed.data.BadRecord`
+Every video is probed once with PyAV (:func:`coembed.media.probe_video`), in
+parallel threads: it needs a video stream (for an image modality) and an audio
+stream (for an audio modality), data up to the duration its header states, and
+at least ``min_seconds`` where both streams overlap. A video that fails becomes a :class:`~coembed.sources.BadRecord`
 with the reason. From each good video, ``frames`` frames (the middle one, or N
 evenly spaced) become one record each: the frame (:class:`~coembed.media.VideoFrame`)
 paired with ``clip_seconds`` of audio centred on it and shifted to stay inside
@@ -34,20 +34,16 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from pydantic import Field, PositiveInt, field_validator
+from tqdm.auto import tqdm
 
-from coembed.data import BadRecord, Record, Source, SourceOptions, register_source
-from coembed.media import AudioSegment, VideoFrame, open_media, safe_text, stat_file, video_stream
-from coembed.registry import BadItem
+from coembed.errors import BadItem, RecipeError
+from coembed.media import AudioSegment, VideoFrame, VideoProbe, probe_video, safe_text, stat_file
+from coembed.sources.base import BadRecord, Record, Source, SourceOptions
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg")
 
-#: A file whose packets end this many seconds before its stated duration is truncated.
-TRUNCATION_TOLERANCE_S = 0.5
-
-#: Probing demuxes packets from this many seconds before the stated end (then from the start if that fails).
-TAIL_SECONDS = 2.0
 
 #: Bump when probing changes what it finds, to ignore older cache lines.
 PROBE_VERSION = 1
@@ -81,6 +77,9 @@ class VideoFolderOptions(SourceOptions):
             raise ValueError(f"must use only {{id}} and {{start}} ({exc})") from None
         return v
 
+    def split_name(self) -> str | None:
+        return ", ".join(self.csv_splits) if self.csv_splits else None
+
     @field_validator("extensions")
     @classmethod
     def _dotted(cls, v: list[str]) -> list[str]:
@@ -90,115 +89,6 @@ class VideoFolderOptions(SourceOptions):
 # ---------------------------------------------------------------------------------------
 # probing
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VideoProbe:
-    """The spans (seconds on the file's timeline) that a file's video and audio packets cover.
-
-    ``None`` for a stream the file lacks (or whose stream holds no packets).
-    """
-
-    video: tuple[float, float] | None
-    audio: tuple[float, float] | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"video": list(self.video) if self.video else None, "audio": list(self.audio) if self.audio else None}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "VideoProbe":
-        def span(key: str) -> tuple[float, float] | None:
-            value = data.get(key)
-            return (float(value[0]), float(value[1])) if value else None
-
-        return cls(span("video"), span("audio"))
-
-
-def probe_video(path: str) -> VideoProbe:
-    """Find a video file's streams and how far their data really reaches (packets only, no decoding).
-
-    Raises :class:`BadItem` for a file that is not media or whose data ends
-    before the duration its header states (a truncated download).
-    """
-    with open_media(path) as container:
-        video = video_stream(container)
-        audio = container.streams.audio[0] if container.streams.audio else None
-        streams = [s for s in (video, audio) if s is not None]
-        if not streams:
-            return VideoProbe(None, None)
-        stated = _stated_end(container, streams)
-        ends = _packet_ends(container, streams, stated)
-        if not ends:
-            raise BadItem("no media data: the streams hold no packets")
-        reached = max(ends.values())
-        if stated is not None and reached < stated - TRUNCATION_TOLERANCE_S:
-            raise BadItem(f"truncated file: data ends at {reached:.2f} s of the stated {stated:.2f} s")
-
-        def span(stream: Any) -> tuple[float, float] | None:
-            if stream is None or stream.index not in ends:
-                return None
-            return (_start_of(container, stream), ends[stream.index])
-
-        return VideoProbe(span(video), span(audio))
-
-
-def _start_of(container: Any, stream: Any) -> float:
-    import av
-
-    if stream.start_time is not None and stream.time_base:
-        return float(stream.start_time * stream.time_base)
-    if container.start_time is not None:
-        return container.start_time / av.time_base
-    return 0.0
-
-
-def _stated_end(container: Any, streams: list[Any]) -> float | None:
-    """Where the headers say the streams end (seconds), or None when they do not say."""
-    import av
-
-    ends = [float(((s.start_time or 0) + s.duration) * s.time_base)
-            for s in streams if s.duration is not None and s.time_base]
-    if ends:
-        return max(ends)
-    if container.duration is not None:
-        return ((container.start_time or 0) + container.duration) / av.time_base
-    return None
-
-
-def _packet_ends(container: Any, streams: list[Any], stated_end: float | None) -> dict[int, float]:
-    """stream index -> end (seconds) of its last packet: from a seek near the stated end, or the whole file."""
-    import av
-
-    if stated_end is not None and stated_end > TAIL_SECONDS:
-        try:
-            container.seek(int((stated_end - TAIL_SECONDS) * av.time_base), backward=True)
-            ends = _demux_ends(container, streams)
-            if all(s.index in ends for s in streams):
-                return ends
-        except (av.error.FFmpegError, OSError):
-            pass
-        # a stream that ends early, or a file the seek cannot handle: read every packet
-        with av.open(container.name) as again:
-            return _demux_ends(again, [again.streams[s.index] for s in streams])
-    return _demux_ends(container, streams)
-
-
-def _demux_ends(container: Any, streams: list[Any]) -> dict[int, float]:
-    import av
-
-    ends: dict[int, float] = {}
-    try:
-        for packet in container.demux(*streams):
-            ts = packet.pts if packet.pts is not None else packet.dts
-            if ts is None or packet.time_base is None:
-                continue  # a flush packet
-            end = float((ts + (packet.duration or 0)) * packet.time_base)
-            index = packet.stream.index
-            if end > ends.get(index, -math.inf):
-                ends[index] = end
-    except (av.error.FFmpegError, OSError):
-        pass  # damaged data: what was read counts, and a short reach means "truncated"
-    return ends
 
 
 class _ProbeCache:
@@ -305,7 +195,6 @@ def read_vggsound_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
                 yield lineno, [cell.strip() for cell in row]
 
 
-@register_source
 class VideoFolderSource(Source):
     """Frames of videos paired with the audio around them (the paper's VGG-Sound data).
 
@@ -318,21 +207,15 @@ class VideoFolderSource(Source):
     Options = VideoFolderOptions
     options: VideoFolderOptions
 
-    def describe(self) -> str:
-        o = self.options
-        return f"video folder {self.recipe.resolve_path(o.path)}" + (f" with {o.csv}" if o.csv else "")
-
     def __iter__(self) -> Iterator[Record | BadRecord]:
-        from coembed.recipe import RecipeError
-
         o = self.options
-        folder = self.recipe.resolve_path(o.path)
+        folder = self.context.resolve_path(o.path)
         if not folder.is_dir():
             raise RecipeError(f"data.path: video folder not found: {folder}")
         files = _list_videos(folder, o.extensions)
         videos: list[_Video] = []
         if o.csv:
-            csv_path = self.recipe.resolve_path(o.csv)
+            csv_path = self.context.resolve_path(o.csv)
             if not csv_path.is_file():
                 raise RecipeError(f"data.csv: CSV not found: {csv_path}")
             for item in self._videos_from_csv(csv_path, files):
@@ -402,8 +285,6 @@ class VideoFolderSource(Source):
 
     def _probe_all(self, folder: Path, videos: list[_Video]) -> dict[str, VideoProbe | str]:
         """path -> probe or reason, probing in parallel (cached results first) with a progress bar."""
-        from tqdm.auto import tqdm
-
         o = self.options
         cache = _ProbeCache(self._cache_file(folder) if o.probe_cache else None)
         out: dict[str, VideoProbe | str] = {}
@@ -411,7 +292,7 @@ class VideoFolderSource(Source):
         pool = ThreadPoolExecutor(max_workers=o.probe_workers, thread_name_prefix="coembed-probe")
         try:
             results = pool.map(lambda v: _probe_job(v, folder, cache), videos)
-            with tqdm(total=len(videos), desc="probe videos", unit="video", disable=not self.progress,
+            with tqdm(total=len(videos), desc="probe videos", unit="video", disable=not self.context.progress,
                       dynamic_ncols=True) as bar:
                 for video, (outcome, new_key) in zip(videos, results):
                     assert video.path is not None
@@ -428,11 +309,11 @@ class VideoFolderSource(Source):
                  len(videos) - probed)
         return out
 
-    def _cache_file(self, folder: Path) -> Path:
-        from coembed.store import store_root
-
+    def _cache_file(self, folder: Path) -> Path | None:
+        if self.context.cache_dir is None:
+            return None
         digest = hashlib.sha256(os.fsencode(folder.resolve())).hexdigest()[:16]
-        return store_root(self.recipe) / ".probes" / f"{digest}.jsonl"
+        return self.context.cache_dir / ".probes" / f"{digest}.jsonl"
 
     def _pairs(self, video: _Video, probe: VideoProbe) -> Iterator[Record | BadRecord]:
         """The records of one probed video, or the reason it has none."""

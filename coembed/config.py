@@ -1,0 +1,251 @@
+"""The recipe's schema: pydantic models of every section, ``--set`` overrides, reading the YAML.
+
+A recipe names a data source, one adapter (frozen encoder) and one head per
+modality, the anchor modality whose space everything is projected into, the
+pair types to train on, and the extraction, training and evaluation settings.
+Every key is checked here by its type and range: an unknown key or a bad value
+fails with a message naming the key and what is allowed. What needs more than
+the schema (an adapter's or a source's own options, the validation metric
+names) is checked by :mod:`coembed.recipe`, which builds on this module.
+
+This module imports no torch and nothing of coembed but :mod:`coembed.errors`,
+so anything may read a recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from coembed.errors import RecipeError, validation_problems
+
+#: Images above this many pixels are refused (decompression bombs); ``data.max_image_pixels`` changes it.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold
+
+#: Audio quieter than this (RMS, dBFS) counts as silent; ``data.silence_db`` changes it.
+DEFAULT_SILENCE_DB = -60.0
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HeadConfig(_Strict):
+    """A projection head into the anchor space."""
+
+    type: Literal["identity", "linear", "mlp"] = "linear"
+    hidden_dim: int | None = Field(default=None, gt=0, description="MLP hidden width (default: 2x output)")
+    num_layers: int = Field(default=2, ge=2, description="MLP linear layers")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+    identity_init: bool = Field(
+        default=False, description="linear head starts as the identity (needs equal in/out dims)")
+
+
+def resolve_key(modality: str, adapter: str) -> str:
+    """An adapter's registry key: ``("audio", "vggish")`` or ``("audio", "audio/vggish")`` -> ``"audio/vggish"``."""
+    return adapter if "/" in adapter else f"{modality}/{adapter}"
+
+
+class ModalityConfig(BaseModel):
+    """One modality: its adapter, the adapter's own options, and its head.
+
+    Keys other than ``adapter``, ``head`` and ``column`` are the adapter's
+    options and are validated against the adapter's declared options.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    adapter: str
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    column: str | None = Field(default=None, description="data column holding this modality (default: its name)")
+
+    @property
+    def adapter_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SplitConfig(_Strict):
+    validation: float = Field(default=0.33, ge=0.0, lt=1.0, description="share of groups held out")
+
+
+class DataConfig(BaseModel):
+    """The data source. ``source`` picks the reader; the rest are its options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    source: str = "manifest"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    max_bad_fraction: float = Field(default=0.5, ge=0.0, le=1.0,
+                                    description="fail the run when more than this share of items is bad")
+    silent_audio: Literal["keep", "drop"] = Field(
+        default="keep", description="silent audio is always flagged in bad_items.jsonl; keep it or skip it")
+    silence_db: float = Field(default=DEFAULT_SILENCE_DB, lt=0.0,
+                              description="audio below this RMS level (dBFS) is silent")
+    max_image_pixels: int | None = Field(default=DEFAULT_MAX_IMAGE_PIXELS, gt=0,
+                                         description="images above this many pixels are skipped (null: no limit)")
+
+    #: keys of this section that belong to coembed, not to the source
+    COMMON_KEYS: ClassVar[tuple[str, ...]] = ("split", "max_bad_fraction", "silent_audio", "silence_db",
+                                              "max_image_pixels")
+
+    @property
+    def source_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ExtractionConfig(_Strict):
+    batch_size: int = Field(default=32, gt=0)
+    num_workers: int = Field(default=2, ge=0)
+    shard_size: int = Field(default=1024, gt=0, description="items per store shard (resume granularity)")
+    cache_dir: str | None = Field(default=None, description="embedding store root (default: ~/.cache/coembed/embeddings)")
+
+
+class TemperatureConfig(_Strict):
+    init: float = Field(default=0.07, gt=0.0)
+    learnable: bool = True
+    min: float = Field(default=0.01, gt=0.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(default=300, gt=0)
+    batch_size: int = Field(default=4096, gt=1)
+    lr: float = Field(default=1e-4, gt=0.0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    temperature: TemperatureConfig = Field(default_factory=TemperatureConfig)
+    device: str = "auto"
+    select_metric: str = Field(default="mean_r1", description="validation metric that picks the best checkpoint")
+    patience: int | None = Field(default=None, gt=0, description="stop after this many epochs without improvement")
+
+
+class ZeroShotConfig(_Strict):
+    """One zero-shot classification set: labelled items of one modality against class-name prompts."""
+
+    name: str | None = Field(default=None, description="name of the results (default: the data source's name)")
+    modality: str = Field(default="audio", description="the modality whose items are classified")
+    text_modality: str | None = Field(
+        default=None, description="the text side (default: the modality 'text', else the only one taking text)")
+    templates: str | list[str] | None = Field(
+        default=None, description="prompt templates with '{}' for the class name, or a built-in set's name "
+                                  "(default: the set for the modality)")
+    column: str | None = Field(default=None, description="data column holding the items (default: the modality)")
+    data: DataConfig = Field(description="where the labelled items come from: a data source and its options")
+
+
+class EvalConfig(_Strict):
+    """What ``coembed train`` evaluates and draws after training (see docs/evaluation.md)."""
+
+    plots: bool = Field(default=True, description="draw the UMAP figures and the training curve")
+    report: bool = Field(default=True, description="write report.md into the run folder")
+    figure_classes: Annotated[int, Field(gt=0)] | list[str] = Field(
+        default=10, description="classes in the UMAP figures: how many of the most frequent, or their names")
+    figure_items_per_class: int = Field(default=30, gt=0, description="validation items per class in the figures")
+    figure_pairs: int = Field(default=20, gt=0, description="random training pairs in the pairs figure")
+    umap_neighbors: int = Field(default=15, ge=2, description="UMAP n_neighbors (smaller for small sets)")
+    zero_shot: list[ZeroShotConfig] = Field(default_factory=list, description="zero-shot classification sets")
+
+
+class Recipe(_Strict):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    anchor: str
+    modalities: dict[str, ModalityConfig]
+    pairs: list[tuple[str, str]]
+    data: DataConfig = Field(default_factory=DataConfig)
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    #: folder relative paths in the recipe resolve against (the working directory at load time)
+    base_dir: str = Field(default=".", exclude=True)
+
+    @field_validator("modalities")
+    @classmethod
+    def _some_modalities(cls, v: dict[str, ModalityConfig]) -> dict[str, ModalityConfig]:
+        if not v:
+            raise ValueError("at least one modality is needed")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        names = set(self.modalities)
+        if self.anchor not in names:
+            raise ValueError(f"anchor {self.anchor!r} is not one of the modalities {sorted(names)}")
+        if not self.pairs:
+            raise ValueError("pairs: at least one pair type is needed, e.g. [[image, audio]]")
+        for a, b in self.pairs:
+            for m in (a, b):
+                if m not in names:
+                    raise ValueError(f"pairs: {m!r} is not one of the modalities {sorted(names)}")
+            if a == b:
+                raise ValueError(f"pairs: a pair type needs two different modalities, got [{a}, {b}]")
+        return self
+
+    def trained_modalities(self) -> list[str]:
+        """The modalities some pair type joins, in the order of ``modalities``."""
+        return sorted({m for pair in self.pairs for m in pair}, key=list(self.modalities).index)
+
+    def adapter_keys(self) -> dict[str, str]:
+        """modality -> the registry key of its adapter (``"audio/vggish"``)."""
+        return {m: resolve_key(m, cfg.adapter) for m, cfg in self.modalities.items()}
+
+    def resolve_path(self, value: str | Path) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.subkey=value")
+        key, _, raw = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise RecipeError(f"override {item!r} names no key")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a recipe file; :class:`RecipeError` when it is missing or not a YAML mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_recipe(data: dict[str, Any], base_dir: str | Path = ".") -> Recipe:
+    """A :class:`Recipe` from a raw mapping, checked against the schema alone (see :mod:`coembed.recipe`)."""
+    try:
+        return Recipe.model_validate({**data, "base_dir": str(base_dir)})
+    except ValidationError as exc:
+        raise RecipeError(validation_problems(exc)) from None
