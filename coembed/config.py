@@ -99,7 +99,7 @@ class DataConfig(BaseModel):
 class ExtractionConfig(_Strict):
     batch_size: int = Field(default=32, gt=0)
     num_workers: int = Field(default=2, ge=0)
-    shard_size: int = Field(default=1024, gt=0, description="items per store shard (resume granularity)")
+    shard_size: int = Field(default=4096, gt=0, description="items per store shard (resume granularity)")
     cache_dir: str | None = Field(default=None, description="embedding store root (default: ~/.cache/coembed/embeddings)")
 
 

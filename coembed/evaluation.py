@@ -83,7 +83,7 @@ def embed_records(model: CoEmbedder, evaluation: EvaluationData, modality: str, 
     lookup, _ = extract_with_config(model.adapter(modality), ids, [r.items[modality] for r in held],
                                     evaluation.extraction, evaluation.data, evaluation.base_dir, progress)
     rows = np.flatnonzero(lookup.ok)
-    vectors = model.project(modality, lookup.vectors[rows]).cpu()
+    vectors = model.project(modality, lookup.gather(rows)).cpu()
     return EmbeddedItems([ids[i] for i in rows], vectors, [held[i].label for i in rows],
                          lookup.bad_rows(ids, modality))
 

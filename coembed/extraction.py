@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
@@ -94,17 +95,25 @@ def extract_with_config(adapter: Adapter, ids: Sequence[str], items: Sequence[An
                    checks=checks)
 
 
-#: One loaded item: index, loaded value (None when bad), reason, measurements, whether to store the reason.
-_Row = tuple[int, Any, str | None, dict[str, float], bool]
+@dataclass
+class _Loaded:
+    """One batch as a worker loaded it: the items that loaded (collated) and those that did not."""
+
+    good: list[int]                       # positions in the work list
+    batch: Any                            # ``adapter.collate`` of their loaded values (None: none loaded)
+    notes: list[dict[str, float]]         # what decoding measured, per good item
+    bad: list[tuple[int, str, bool]]      # position, reason, whether to store the reason
 
 
 class _LoadItems(TorchDataset):
-    """Runs ``adapter.load`` in a worker; a failure becomes a reason, never an exception."""
+    """Runs ``adapter.load`` in a worker, a whole batch per call; a failure becomes a reason, never an exception."""
 
-    def __init__(self, adapter: Adapter, items: Sequence[Any], max_image_pixels: int | None) -> None:
+    def __init__(self, adapter: Adapter, items: Sequence[Any], max_image_pixels: int | None,
+                 in_workers: bool = False) -> None:
         self.adapter = adapter
         self.items = items
         self.max_image_pixels = max_image_pixels
+        self.in_workers = in_workers
 
     def __len__(self) -> int:
         return len(self.items)
@@ -114,27 +123,108 @@ class _LoadItems(TorchDataset):
         with decoding(self.max_image_pixels) as notes:
             return self.adapter.load(self.items[index]), notes
 
-    def __getitem__(self, index: int) -> _Row:
-        try:
-            value, notes = self.load(index)
-            return index, value, None, notes, True
-        except OverLimit as exc:
-            return index, None, safe_text(str(exc)), {}, False
-        except BadItem as exc:
-            return index, None, safe_text(str(exc)), {}, True
-        except Exception as exc:  # an unexpected decoder error is still one bad item
-            return index, None, safe_text(f"{type(exc).__name__}: {exc}"), {}, True
+    def __getitem__(self, index: int) -> _Loaded:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> _Loaded:
+        """The DataLoader asks for a batch at once: one call per batch, collated in the worker."""
+        loaded = _Loaded([], None, [], [])
+        values = []
+        for index in indices:
+            try:
+                value, notes = self.load(index)
+            except OverLimit as exc:
+                loaded.bad.append((index, safe_text(str(exc)), False))
+            except BadItem as exc:
+                loaded.bad.append((index, safe_text(str(exc)), True))
+            except Exception as exc:  # an unexpected decoder error is still one bad item
+                loaded.bad.append((index, safe_text(f"{type(exc).__name__}: {exc}"), True))
+            else:
+                loaded.good.append(index)
+                values.append(value)
+                loaded.notes.append(notes)
+        if values:
+            loaded.batch = self.adapter.collate(values)
+            if self.in_workers:
+                loaded.batch = _to_wire(loaded.batch)
+        return loaded
 
 
-class _Collate:
-    def __init__(self, adapter: Adapter) -> None:
-        self.adapter = adapter
+def _as_loaded(loaded: _Loaded) -> _Loaded:
+    """The DataLoader's collate step: the batch is already collated by :meth:`_LoadItems.__getitems__`."""
+    return loaded
 
-    def __call__(self, rows: list[_Row]) -> tuple[list[int], Any, list[dict[str, float]], list[tuple[int, str, bool]]]:
-        good = [(i, x, notes) for i, x, err, notes, _ in rows if err is None]
-        bad = [(i, err, store) for i, _, err, _, store in rows if err is not None]
-        batch = self.adapter.collate([x for _, x, _ in good]) if good else None
-        return [i for i, _, _ in good], batch, [notes for _, _, notes in good], bad
+
+#: Tensors smaller than this travel from a worker pickled as numpy arrays: cheaper than a shared-memory
+#: segment each (about 1 ms per tensor), which pays off only for large batches such as images.
+_PICKLE_BELOW_BYTES = 1 << 20
+
+
+@dataclass
+class _Wired:
+    """A small tensor on its way from a worker, as a numpy array."""
+
+    array: np.ndarray
+
+
+def _to_wire(value: Any) -> Any:
+    """``value`` with its small tensors as :class:`_Wired` arrays (in tuples, lists, named tuples and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return _Wired(value.numpy()) if value.device.type == "cpu" and value.nbytes < _PICKLE_BELOW_BYTES else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)._make(_to_wire(v) for v in value)
+    if type(value) in (tuple, list):
+        return type(value)(_to_wire(v) for v in value)
+    if type(value) is dict:
+        return {k: _to_wire(v) for k, v in value.items()}
+    return value
+
+
+def _from_wire(value: Any) -> Any:
+    """The inverse of :func:`_to_wire`, in the main process."""
+    if isinstance(value, _Wired):
+        return torch.from_numpy(value.array)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)._make(_from_wire(v) for v in value)
+    if type(value) in (tuple, list):
+        return type(value)(_from_wire(v) for v in value)
+    if type(value) is dict:
+        return {k: _from_wire(v) for k, v in value.items()}
+    return value
+
+
+class _ShardBuffer:
+    """Encoded rows waiting for their shard: written in shards of ``shard_size`` rows, in arrival order."""
+
+    def __init__(self, store: EmbeddingStore, keys: Sequence[str], ids: Sequence[str], shard_size: int) -> None:
+        self.store, self.keys, self.ids, self.shard_size = store, keys, ids, shard_size
+        self.rows: list[np.ndarray] = []          # item indices, per chunk
+        self.vectors: list[np.ndarray] = []       # [n, dim] per chunk
+        self.errors: list[str | None] = []
+        self.notes: list[dict[str, float] | None] = []
+        self.size = 0
+
+    def add(self, rows: np.ndarray, vectors: np.ndarray, errors: list[str | None],
+            notes: list[dict[str, float] | None]) -> None:
+        self.rows.append(rows)
+        self.vectors.append(vectors)
+        self.errors += errors
+        self.notes += notes
+        self.size += len(rows)
+        while self.size >= self.shard_size:
+            self.flush(self.shard_size)
+
+    def flush(self, limit: int | None = None) -> None:
+        """Write the first ``limit`` rows (default: all) as one shard."""
+        if not self.size:
+            return
+        rows, vectors = np.concatenate(self.rows), np.concatenate(self.vectors)
+        n = self.size if limit is None else min(limit, self.size)
+        self.store.write_shard([self.keys[r] for r in rows[:n]], [str(self.ids[r]) for r in rows[:n]], vectors[:n],
+                               self.errors[:n], self.notes[:n])
+        self.rows, self.vectors = ([rows[n:]], [vectors[n:]]) if n < self.size else ([], [])
+        del self.errors[:n], self.notes[:n]
+        self.size -= n
 
 
 def extract(
@@ -145,77 +235,65 @@ def extract(
     *,
     batch_size: int = 32,
     num_workers: int = 0,
-    shard_size: int = 1024,
+    shard_size: int = 4096,
     progress: bool = True,
     checks: ItemChecks | None = None,
 ) -> tuple[Lookup, ExtractionStats]:
     """Encode ``items`` (raw inputs of ``adapter.modality``, one per id) into the store.
 
-    Returns the embeddings of all items, in order (cached and new alike), and
-    statistics of the work done. ``checks`` sets the pixel limit and what
+    Returns what the store holds for all items, in order (cached and new alike),
+    and statistics of the work done. ``checks`` sets the pixel limit and what
     happens to silent audio (flagged in ``Lookup.flags``, or made an error).
+    ``store_root`` is a folder or a URI :mod:`pyarrow.fs` opens.
     """
     checks = checks or ItemChecks()
     store = EmbeddingStore(store_root, adapter.fingerprint, adapter.dim,
                            meta={"adapter": adapter.key(), "config": adapter.config()})
     store.clean_partial()
     keys = [item_key(i, x) for i, x in zip(ids, items)]
-    done = store.keys()
-    todo = [n for n, k in enumerate(keys) if k not in done]
+    todo = np.flatnonzero(store.rows_of(keys) < 0)
     stats = ExtractionStats(adapter.modality, adapter.fingerprint, items=len(keys), cached=len(keys) - len(todo))
     start = time.perf_counter()
     refused: dict[int, str] = {}  # item index -> reason not stored (a setting refused the item)
-    if todo:
+    if len(todo):
         num_workers = usable_workers(num_workers)
+        work = [items[n] for n in todo]
         loader = DataLoader(
-            _LoadItems(adapter, [items[n] for n in todo], checks.max_image_pixels),
+            _LoadItems(adapter, work, checks.max_image_pixels, in_workers=num_workers > 0),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=_Collate(adapter),
+            collate_fn=_as_loaded,
             persistent_workers=False,
             prefetch_factor=4 if num_workers > 0 else None,
         )
-        buf_idx: list[int] = []
-        buf_vec: list[np.ndarray] = []
-        buf_err: list[str | None] = []
-        buf_notes: list[dict[str, float] | None] = []
-
-        def flush(limit: int) -> None:
-            """Write full shards of ``shard_size`` items while the buffer holds ``limit`` or more."""
-            while buf_idx and len(buf_idx) >= limit:
-                n = min(shard_size, len(buf_idx))
-                rows = [todo[j] for j in buf_idx[:n]]
-                store.write_shard([keys[r] for r in rows], [str(ids[r]) for r in rows],
-                                  np.stack(buf_vec[:n]), buf_err[:n], buf_notes[:n])
-                del buf_idx[:n], buf_vec[:n], buf_err[:n], buf_notes[:n]
-
-        zero = np.zeros(adapter.dim, dtype=np.float32)
+        buffer = _ShardBuffer(store, keys, ids, shard_size)
+        zero = np.zeros((1, adapter.dim), dtype=np.float32)
         bar = tqdm(total=len(todo), desc=f"encode {adapter.modality} ({adapter.key()})", unit="item",
                    disable=not progress, dynamic_ncols=True)
         with bar:
-            for good, batch, notes, bad in loader:
-                if good:
+            for loaded in loader:
+                if loaded.good:
                     try:
-                        vectors = adapter.encode(batch).numpy()
+                        vectors = adapter.encode(_from_wire(loaded.batch)).numpy()
+                        errs: list[str | None] = [None] * len(loaded.good)
                     except Exception as exc:  # one failing batch: retry its items one by one
-                        vectors, errs = _encode_one_by_one(adapter, loader.dataset, good, exc)
-                    else:
-                        errs = [None] * len(good)
-                    stats.encoded += len(good)
+                        vectors, errs = _encode_one_by_one(adapter, loader.dataset, loaded.good, exc)
+                    stats.encoded += len(loaded.good)
                     finite = np.isfinite(vectors).all(axis=1)
-                    for j, vec, err, fin, note in zip(good, vectors, errs, finite, notes):
-                        if err is None and not fin:
-                            err = "encoder produced NaN or infinite values"
-                        buf_idx.append(j), buf_vec.append(vec if err is None else zero), buf_err.append(err)
-                        buf_notes.append(note)
-                for j, err, store_it in bad:
-                    if store_it:
-                        buf_idx.append(j), buf_vec.append(zero), buf_err.append(err), buf_notes.append(None)
-                    else:
-                        refused[todo[j]] = err
-                bar.update(len(good) + len(bad))
-                flush(shard_size)
-            flush(1)
+                    if not finite.all():
+                        errs = [e if e is not None or ok else "encoder produced NaN or infinite values"
+                                for e, ok in zip(errs, finite)]
+                    failed = np.array([e is not None for e in errs])
+                    if failed.any():
+                        vectors = np.where(failed[:, None], 0.0, vectors).astype(np.float32)
+                    buffer.add(todo[loaded.good], vectors, errs, list(loaded.notes))
+                stored = [(j, err) for j, err, store_it in loaded.bad if store_it]
+                if stored:
+                    buffer.add(todo[[j for j, _ in stored]], np.repeat(zero, len(stored), axis=0),
+                               [err for _, err in stored], [None] * len(stored))
+                refused.update({int(todo[j]): err for j, err, store_it in loaded.bad if not store_it})
+                bar.update(len(loaded.good) + len(loaded.bad))
+            buffer.flush()
     stats.seconds = time.perf_counter() - start
     result = store.lookup(keys)
     if refused:
@@ -240,7 +318,6 @@ def _judge_silence(result: Lookup, checks: ItemChecks) -> None:
         if checks.drop_silent:
             result.errors[i] = f"{reason} (dropped: data.silent_audio=drop)"
             result.ok[i] = False
-            result.vectors[i] = 0.0
         else:
             result.flags[i] = f"{reason} (kept: data.silent_audio=keep)"
 

@@ -142,7 +142,7 @@ def build_figure_sample(config: EvalConfig, dataset: Dataset, embedded: dict[str
     for m, e in embedded.items():
         rows = [(rid, row) for rid in chosen if (row := e.ok_row(rid)) is not None]
         if rows:
-            sample.vectors[m] = e.lookup.vectors[[row for _, row in rows]]
+            sample.vectors[m] = e.lookup.gather([row for _, row in rows])
             sample.ids[m] = [rid for rid, _ in rows]
             sample.labels[m] = [str(label_of[rid]) for rid, _ in rows]
     for p in pairs:

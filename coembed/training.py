@@ -238,9 +238,9 @@ def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Modali
         ea, eb = embedded[a], embedded[b]
         train = align_pairs(dataset.train, ea.ok_row, eb.ok_row)
         val = align_pairs(dataset.validation, ea.ok_row, eb.ok_row)
-        pair = PairSet(a, b, torch.from_numpy(ea.lookup.vectors[train.rows_a]),
-                       torch.from_numpy(eb.lookup.vectors[train.rows_b]),
-                       torch.from_numpy(ea.lookup.vectors[val.rows_a]), torch.from_numpy(eb.lookup.vectors[val.rows_b]),
+        pair = PairSet(a, b, torch.from_numpy(ea.lookup.gather(train.rows_a)),
+                       torch.from_numpy(eb.lookup.gather(train.rows_b)),
+                       torch.from_numpy(ea.lookup.gather(val.rows_a)), torch.from_numpy(eb.lookup.gather(val.rows_b)),
                        val_labels=[r.label for r in val.records], val_groups=val.duplicate_groups(a, b))
         log.info("pair type %s: %d train pairs, %d validation pairs", pair.name, len(pair.train_a), len(pair.val_a))
         if len(pair.train_a) < 2:

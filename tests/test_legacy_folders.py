@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from coembed import CoEmbedder
 from coembed.cli import main
+from coembed.store import EmbeddingStore, item_key
 from _toy_adapter import register_toys
 from plugins import TOY_ADAPTER_SOURCE, VECTORS, install_plugin
 
@@ -67,3 +68,24 @@ def test_a_run_folder_of_0_1_0_loads_reports_and_plots(tmp_path: Path, monkeypat
     result = CliRunner().invoke(main, ["plot", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "training-curve.png").is_file() and (run / "umap-encoder-audio.png").is_file()
+
+
+def test_an_embedding_store_of_0_1_0_is_read_as_it_is(tmp_path: Path) -> None:
+    """``store/toy-legacy`` holds two shards written by 0.1.0 with ``datasets`` (the first of two record
+    batches): 1500 items, one with an error, some with measurements, and two keys written again later
+    (the older shard wins), plus one key of the second shard alone."""
+    root = shutil.copytree(LEGACY / "store", tmp_path / "store")
+    store = EmbeddingStore(root, "toy-legacy", 4)
+    keys = [item_key(f"r{i}", f"item-{i}") for i in range(1500)]
+    assert len(store) == 1501 and store.keys() == set(keys) | {"extra"}
+    lookup = store.lookup(keys + ["extra", "absent"])
+    n = np.arange(1500, dtype=np.float32)
+    expected = np.stack([n, 2 * n, np.sin(n), np.ones(1500)], axis=1)
+    expected[7] = 0.0
+    np.testing.assert_allclose(lookup.vectors[:1500], expected, rtol=1e-6)
+    assert lookup.vectors[1500].tolist() == [9.0] * 4 and lookup.missing == [1501]
+    assert lookup.errors == {7: "not a toy item: 'x'"} and not lookup.ok[7]
+    assert lookup.notes == {0: {"audio_db": -10.0}, 500: {"audio_db": -510.0}, 1000: {"audio_db": -1010.0}}
+    store.write_shard(["new"], ["rn"], np.full((1, 4), 5.0), [None])  # a new shard beside the old ones
+    again = EmbeddingStore(root, "toy-legacy", 4)
+    assert len(again) == 1502 and again.lookup(["new"]).vectors.tolist() == [[5.0] * 4]

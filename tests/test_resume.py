@@ -45,9 +45,7 @@ def _job(store: Path, log: Path, delay: float) -> subprocess.Popen:
 
 def _shard_rows(store: EmbeddingStore) -> list[str]:
     """Every key of every shard, duplicates included (the store's own index deduplicates)."""
-    from datasets import load_from_disk
-
-    return [k for shard in store.shards() for k in load_from_disk(str(shard))["key"]]
+    return [k for shard in store.shards() for k in store.shard_keys(shard)]
 
 
 def test_sigkill_mid_extraction_then_rerun_finishes_with_every_item_once(tmp_path):
@@ -105,9 +103,8 @@ def test_leftovers_of_a_killed_writer_are_never_read_and_are_removed(tmp_path):
 
     # a half-written shard of a killed process, and one of a writer that is still running
     for pid in (dead_pid, os.getpid()):
-        tmp = store.dir / f".tmp-{_host()}-{pid}-shard-99999999999999999999-deadbeef"
-        tmp.mkdir()
-        (tmp / "data-00000-of-00001.arrow").write_bytes(b"\x00partial")
+        tmp = store.dir / f".tmp-{_host()}-{pid}-shard-99999999999999999999-deadbeef.arrow"
+        tmp.write_bytes(b"\x00partial")
     assert store.shards() == [shard]
     assert EmbeddingStore(tmp_path, adapter.fingerprint, adapter.dim).keys() == {"k1"}
     store.clean_partial()
@@ -115,22 +112,21 @@ def test_leftovers_of_a_killed_writer_are_never_read_and_are_removed(tmp_path):
 
 
 def test_a_failed_write_leaves_nothing_a_reader_could_take_for_a_shard(tmp_path, monkeypatch):
-    import datasets
+    import coembed.store
 
     adapter = CountingAdapter(device="cpu")
-    real = datasets.Dataset.save_to_disk
+    real = coembed.store._write_table
 
-    def dies_half_way(self, path, *args, **kwargs):
-        real(self, path, *args, **kwargs)
-        (Path(path) / "state.json").unlink()
+    def dies_half_way(fs, path, table, durable):
+        real(fs, path, table.slice(0, 1), durable)
         raise OSError("disk full")
 
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", dies_half_way)
+    monkeypatch.setattr(coembed.store, "_write_table", dies_half_way)
     with pytest.raises(OSError, match="disk full"):
         extract(adapter, ["r0", "r1"], ["item-0", "item-1"], tmp_path, progress=False)
     store = EmbeddingStore(tmp_path, adapter.fingerprint, adapter.dim)
     assert store.shards() == [] and not list(store.dir.glob(".tmp-*")) and len(store) == 0
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real)
+    monkeypatch.setattr(coembed.store, "_write_table", real)
     lookup, stats = extract(adapter, ["r0", "r1"], ["item-0", "item-1"], tmp_path, progress=False)
     assert lookup.ok.all() and stats.encoded == 2
 
@@ -152,8 +148,7 @@ def test_an_unreadable_shard_is_skipped_and_its_items_encoded_again(tmp_path, ca
     extract(adapter, ids, items, tmp_path / "s", batch_size=4, shard_size=4, progress=False)
     store = EmbeddingStore(tmp_path / "s", adapter.fingerprint, adapter.dim)
     damaged = store.shards()[0]
-    for arrow in damaged.glob("*.arrow"):
-        arrow.write_bytes(b"garbage")
+    damaged.write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING, logger="coembed"):
         lookup, stats = extract(adapter, ids, items, tmp_path / "s", batch_size=4, shard_size=4, progress=False)
     assert lookup.ok.all() and stats.cached == 4 and stats.encoded == 4
@@ -187,12 +182,11 @@ def test_limits_are_not_cached_and_silence_is_judged_at_each_run_without_encodin
 
 
 def test_a_write_after_reading_adds_its_shard_without_reading_every_shard_again(tmp_path, monkeypatch):
-    import datasets
-
     store = EmbeddingStore(tmp_path, "fp", 4)
     store.write_shard(["a", "b"], ["ra", "rb"], np.full((2, 4), 1.0), [None, "bad"], [{"audio_db": -10.0}, None])
     assert store.keys() == {"a", "b"}
-    monkeypatch.setattr(datasets, "load_from_disk", lambda *a, **k: pytest.fail("shards read again"))
+    monkeypatch.setattr(EmbeddingStore, "_read_parts", lambda self: pytest.fail("shards read again")
+                        if self._parts is None else self._parts)
     store.write_shard(["b", "c"], ["rb", "rc"], np.array([[2.0] * 4, [np.nan] * 4]), [None, None],
                       [None, {"audio_db": -20.0}])
     keys = ["a", "b", "c", "d"]
