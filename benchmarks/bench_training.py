@@ -1,9 +1,13 @@
-"""Training-loop speed: coembed's device-tensor loop against a per-item DataLoader baseline.
+"""Training-loop speed: coembed's device-tensor loop against a per-item DataLoader baseline and the roofline.
 
-Both train the same linear head with the same loss on the same cached
-embeddings for one epoch; the baseline is the common pattern of a
+Both loops train the same linear head (128 -> 512) with the same loss on the
+same cached embeddings for one epoch; the baseline is the common pattern of a
 ``TensorDataset`` + ``DataLoader`` (per-item indexing and collation in Python).
-Prints epochs/second for both and the ratio. Run:
+The roofline is a bare ``torch.matmul`` of the step's dominant shape
+(``[batch, 512] @ [512, batch]``, the similarity matrix) on the same device: the
+trainer's achieved FLOP/s (counted from the step's matrix products: the head
+forward and its weight gradient, the similarity matrix and its gradient towards
+the trained side) against the matmul's. Prints both and the ratios. Run:
 
     .venv/bin/python benchmarks/bench_training.py [--pairs 50000] [--batch 4096] [--device cpu]
 """
@@ -80,10 +84,23 @@ def main() -> None:
         base_times.append(timed(base_epoch))
     ours, base = statistics.median(ours_times), statistics.median(base_times)
 
-    print(f"device {device}, {args.pairs} pairs, batch {args.batch}")
+    # the roofline: the step's dominant product, bare
+    b, d_in, d_out = min(args.batch, args.pairs), 128, 512
+    x, y = torch.randn(b, d_out, device=device), torch.randn(d_out, b, device=device)
+    torch.matmul(x, y)
+    matmul_times = [timed(lambda: torch.matmul(x, y)) for _ in range(max(5, args.epochs))]
+    matmul_flops = 2 * b * b * d_out / statistics.median(matmul_times)
+    steps = -(-args.pairs // b)
+    step_flops = 4 * b * d_in * d_out + 4 * b * b * d_out  # head fwd + weight grad; logits + their grad
+    trainer_flops = steps * step_flops / ours
+
+    print(f"device {device}, {args.pairs} pairs, batch {args.batch}, {torch.get_num_threads()} threads")
     print(f"coembed trainer      : {ours * 1000:8.1f} ms/epoch (median of {args.epochs})")
     print(f"DataLoader baseline  : {base * 1000:8.1f} ms/epoch")
     print(f"speed-up             : {base / ours:8.2f}x")
+    print(f"trainer FLOP/s       : {trainer_flops / 1e9:8.1f} GFLOP/s")
+    print(f"bare matmul FLOP/s   : {matmul_flops / 1e9:8.1f} GFLOP/s ([{b}, {d_out}] @ [{d_out}, {b}])")
+    print(f"of the roofline      : {trainer_flops / matmul_flops:8.2f}")
 
 
 if __name__ == "__main__":

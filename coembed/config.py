@@ -119,6 +119,12 @@ class TrainConfig(_Strict):
     device: str = "auto"
     select_metric: str = Field(default="mean_r1", description="validation metric that picks the best checkpoint")
     patience: int | None = Field(default=None, gt=0, description="stop after this many epochs without improvement")
+    validation_sample: int | None = Field(
+        default=5000, gt=1, description="validation pairs each validation ranks for model selection, drawn by group "
+                                        "from the seed (null: all); the final metrics rank every one, once")
+    validate_every: int = Field(default=1, gt=0, description="validate every N epochs (and after the last)")
+    autocast: bool | None = Field(default=None, description="bf16 autocast of the heads, loss and temperature in "
+                                                            "float32 (default: on with CUDA, off elsewhere)")
 
 
 class ZeroShotConfig(_Strict):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class LearnableTemperature(nn.Module):
@@ -29,10 +32,65 @@ class LearnableTemperature(nn.Module):
         return float(1.0 / self().detach())
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+#: Rows (or columns) of the ``[batch, batch]`` logits processed at once outside the one full buffer.
+_CHUNK = 512
+
+
+class SymmetricInfoNCE(torch.autograd.Function):
+    """``0.5 * (CE(L, I) + CE(L.T, I))`` for ``L = scale * a @ b.T``, in one ``[batch, batch]`` buffer.
+
+    The same value and gradients as the two ``F.cross_entropy`` calls over the
+    logits and their transpose, which autograd would keep as about eight
+    ``[batch, batch]`` tensors (0.5 GiB at batch 4096): here the logits are the
+    only full-size tensor. The forward pass keeps them with the row and column
+    log-sum-exps (computed in blocks of rows and columns); the backward pass turns
+    them, block by block, into the gradient (the row softmax plus the column
+    softmax, less 2 on the diagonal). The backward pass runs once
+    (``retain_graph`` is not supported: it consumes the saved logits).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                workspace: torch.Tensor | None = None) -> torch.Tensor:
+        n = a.shape[0]
+        if workspace is not None and workspace.numel() >= n * n and workspace.dtype == a.dtype:
+            logits = torch.mm(a, b.T, out=workspace.view(-1)[:n * n].view(n, n)).mul_(scale)
+        else:
+            logits = torch.mm(a, b.T).mul_(scale)
+        row = torch.cat([torch.logsumexp(logits[i:i + _CHUNK], dim=1) for i in range(0, n, _CHUNK)])
+        col = torch.cat([torch.logsumexp(logits[:, j:j + _CHUNK], dim=0) for j in range(0, n, _CHUNK)])
+        diag = logits.diagonal()
+        loss = 0.5 * ((row - diag).mean() + (col - diag).mean())
+        ctx.save_for_backward(a, b, scale, logits, row, col)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, b, scale, logits, row, col = ctx.saved_tensors
+        n = logits.shape[0]
+        g = logits  # becomes d loss / d logits, in place
+        for i in range(0, n, _CHUNK):
+            block = g[i:i + _CHUNK]
+            column_softmax = (block - col[None, :]).exp_()
+            block.sub_(row[i:i + _CHUNK, None]).exp_().add_(column_softmax)
+        g.diagonal().sub_(2.0)
+        g.mul_(grad * (0.5 / n))
+        g_b = torch.mm(g, b)  # d loss / d (a @ b.T), times b
+        grad_a = g_b * scale if ctx.needs_input_grad[0] else None
+        grad_b = torch.mm(g.T, a) * scale if ctx.needs_input_grad[1] else None
+        grad_scale = (g_b * a).sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
+        return grad_a, grad_b, grad_scale, None
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+             workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE: row ``i`` of ``a`` is the positive of row ``i`` of ``b``.
 
-    Inputs are L2-normalised here; the loss is computed in float32.
+    Inputs are L2-normalised here; the loss is computed in float32
+    (:class:`SymmetricInfoNCE`). ``workspace``, a float32 buffer of at least
+    ``batch**2`` values, holds the logits instead of a new allocation each
+    step; one buffer serves one call at a time (until its backward pass).
     """
     if b.requires_grad and not a.requires_grad:
         # the loss is symmetric in a and b; with the trained side first its gradient needs no
@@ -40,6 +98,4 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> tor
         a, b = b, a
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
-    logits = logit_scale * a @ b.T
-    target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    return SymmetricInfoNCE.apply(a, b, logit_scale.float(), workspace)

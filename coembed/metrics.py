@@ -70,28 +70,39 @@ class Ranking:
     gallery_size: int
 
 
-def _count_at_least(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """``out[i, j]`` = number of entries of ``scores[i]`` that are ``>= thresholds[i, j]``."""
+def _count_at_least(scores: torch.Tensor, thresholds: torch.Tensor,
+                    compare: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[i, j]`` = number of entries of ``scores[i]`` that are ``>= thresholds[i, j]``.
+
+    ``compare``: a bool buffer of at least ``scores.numel()`` values to compare into (no allocation per call).
+    """
     if thresholds.shape[1] <= 4:
-        return torch.stack([(scores >= thresholds[:, j:j + 1]).sum(dim=1) for j in range(thresholds.shape[1])],
-                           dim=1)
+        out = compare.view(-1)[:scores.numel()].view(scores.shape) if compare is not None else None
+        return torch.stack([torch.ge(scores, thresholds[:, j:j + 1], out=out).sum(dim=1)
+                            for j in range(thresholds.shape[1])], dim=1)
     ascending = scores.sort(dim=1).values.contiguous()
     return scores.shape[1] - torch.searchsorted(ascending, thresholds.contiguous(), right=False)
 
 
+def _block(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous ``[rows, cols]`` view at the start of a flat buffer."""
+    return buffer[:rows * cols].view(rows, cols)
+
+
 def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, query_labels: torch.Tensor,
-                 gallery_labels: torch.Tensor, chunk_size: int = 1024) -> Ranking:
+                 gallery_labels: torch.Tensor, chunk_size: int = 1024, normalized: bool = False) -> Ranking:
     """Rank ``gallery`` for every query by cosine similarity; relevant means equal labels.
 
     Labels are non-negative integers. Every query needs at least one relevant
     gallery item. See the module docstring for the tie convention; memory is
-    ``O(chunk_size**2)`` floats.
+    ``O(chunk_size**2)`` floats besides the inputs (``normalized``: the rows are
+    unit float32 vectors already, and no normalised copy is made).
     """
     if queries.shape[0] != query_labels.shape[0] or gallery.shape[0] != gallery_labels.shape[0]:
         raise ValueError("one label per query and per gallery item is needed")
     device = queries.device
-    q = F.normalize(queries.float(), dim=-1)
-    g = F.normalize(gallery.float().to(device), dim=-1)
+    q = _unit(queries, normalized)
+    g = _unit(gallery.to(device), normalized)
     ql = query_labels.to(device=device, dtype=torch.long)
     gl = gallery_labels.to(device=device, dtype=torch.long)
     n_q, n_g = q.shape[0], g.shape[0]
@@ -105,6 +116,10 @@ def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, query_labels: tor
     ap = torch.empty(n_q, dtype=torch.float32, device=device)
     max_m = int(n_relevant.max()) if n_q else 1
     q_step = max(1, min(chunk_size, chunk_size * chunk_size // max_m))
+    block = min(q_step, max(n_q, 1)) * min(chunk_size, max(n_g, 1))
+    sims_buffer = torch.empty(block, device=device)
+    same_buffer = torch.empty(block, dtype=torch.bool, device=device)
+    compare_buffer = torch.empty(block, dtype=torch.bool, device=device)
     for qs in chunk_slices(n_q, q_step):
         m = n_relevant[qs]
         width = int(m.max())
@@ -127,17 +142,26 @@ def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, query_labels: tor
                 relevant[rows, position] = sims[rows, cols]
                 filled += mask.sum(dim=1)
         relevant = relevant.sort(dim=1, descending=True).values
-        # pass 2: non-relevant items scoring at least each relevant score (ties count against)
+        # pass 2: non-relevant items scoring at least each relevant score (ties count against); the blocks
+        # reuse three buffers, so scanning a gallery allocates nothing per block
         above = torch.zeros(rows_n, width, dtype=torch.long, device=device)
+        thresholds = relevant - TIE_TOLERANCE
         for gs in chunk_slices(n_g, chunk_size):
-            sims = (q[qs] @ g[gs].T).masked_fill(ql[qs, None] == gl[None, gs], float("-inf"))
-            above += _count_at_least(sims, relevant - TIE_TOLERANCE)
+            cols = gs.stop - gs.start
+            sims = torch.mm(q[qs], g[gs].T, out=_block(sims_buffer, rows_n, cols))
+            same = torch.eq(ql[qs, None], gl[None, gs], out=_block(same_buffer, rows_n, cols))
+            sims.masked_fill_(same, float("-inf"))
+            above += _count_at_least(sims, thresholds, compare_buffer)
         j = torch.arange(1, width + 1, device=device)
         ranks = above + j                                   # rank of the j-th best relevant item
         valid = j[None, :] <= m[:, None]
         first[qs] = ranks[:, 0]
         ap[qs] = ((j / ranks) * valid).sum(dim=1) / m
     return Ranking(first, ap, n_relevant, n_g)
+
+
+def _unit(x: torch.Tensor, normalized: bool) -> torch.Tensor:
+    return x if normalized and x.dtype == torch.float32 else F.normalize(x.float(), dim=-1)
 
 
 def pair_ranks(queries: torch.Tensor, gallery: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
@@ -346,8 +370,8 @@ def headline(metrics: dict[str, float]) -> str:
 
 
 def paired_retrieval(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, chunk_size: int = 1024,
-                     labels: Sequence[str | None] | None = None,
-                     groups: torch.Tensor | None = None) -> dict[str, float]:
+                     labels: Sequence[str | None] | None = None, groups: torch.Tensor | None = None,
+                     normalized: bool = False, instance_level: bool = True) -> dict[str, float]:
     """Retrieval metrics in both directions for aligned rows of ``a`` and ``b``.
 
     Keys look like ``"audio->image/R@1"``, ``"audio->image/mAP"`` and
@@ -355,23 +379,29 @@ def paired_retrieval(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str,
     pairs (:func:`duplicate_groups`; default: from identical rows of ``a`` and
     ``b``). With ``labels`` (one per row; ``None`` rows are left out) the
     class-level metrics follow as ``"audio->image/class/R@1"`` etc.: a hit is
-    any item of the query's class.
+    any item of the query's class. ``normalized``: the rows are unit float32 vectors
+    already (no normalised copies are made); ``instance_level=False`` computes the
+    class level alone.
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"paired retrieval needs aligned rows, got {a.shape[0]} and {b.shape[0]}")
     out: dict[str, float] = {}
-    groups = duplicate_groups(a, b) if groups is None else groups
+    groups = duplicate_groups(a, b) if groups is None and instance_level else groups
+    a, b = _unit(a, normalized), _unit(b, normalized)
     directions = ((name_a, name_b, a, b), (name_b, name_a, b, a))
-    for qn, gn, q, g in directions:
-        for measure, value in ranking_metrics(rank_gallery(q, g, groups, groups, chunk_size)).items():
-            out[_key(qn, gn, measure)] = value
+    if instance_level:
+        for qn, gn, q, g in directions:
+            for measure, value in ranking_metrics(rank_gallery(q, g, groups, groups, chunk_size, True)).items():
+                out[_key(qn, gn, measure)] = value
     if labels is not None:
         keep = [i for i, x in enumerate(labels) if x is not None]
         if len(keep) >= 2:
             ids, _ = encode_labels([str(labels[i]) for i in keep])
+            every = len(keep) == len(labels)  # then no subset copies
             rows = torch.tensor(keep, dtype=torch.long)
             for qn, gn, q, g in directions:
-                ranking = rank_gallery(q[rows.to(q.device)], g[rows.to(g.device)], ids, ids, chunk_size)
+                qs, gs = (q, g) if every else (q[rows.to(q.device)], g[rows.to(g.device)])
+                ranking = rank_gallery(qs, gs, ids, ids, chunk_size, True)
                 for measure, value in ranking_metrics(ranking).items():
                     out[_key(qn, gn, measure, CLASS_LEVEL)] = value
     return out

@@ -146,9 +146,15 @@ def build_figure_sample(config: EvalConfig, dataset: Dataset, embedded: dict[str
             sample.ids[m] = [rid for rid, _ in rows]
             sample.labels[m] = [str(label_of[rid]) for rid, _ in rows]
     for p in pairs:
-        n = p.train_a.shape[0]
-        picked = sorted(rng.sample(range(n), min(n, config.figure_pairs)))
-        sample.train_pairs[p.name] = (p.train_a[picked].cpu().numpy(), p.train_b[picked].cpu().numpy())
+        if p.train_rows is None:  # pair sets built by hand: their training tensors are all there is
+            n = p.n_train
+            picked = sorted(rng.sample(range(n), min(n, config.figure_pairs)))
+            sample.train_pairs[p.name] = (p.train_a[picked].cpu().numpy(), p.train_b[picked].cpu().numpy())
+            continue
+        rows_a, rows_b = p.train_rows
+        picked = sorted(rng.sample(range(len(rows_a)), min(len(rows_a), config.figure_pairs)))
+        sample.train_pairs[p.name] = (embedded[p.a].lookup.gather(rows_a[picked]),
+                                      embedded[p.b].lookup.gather(rows_b[picked]))
     return sample
 
 

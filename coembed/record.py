@@ -139,9 +139,13 @@ class RunMetrics(_Lenient):
     best_epoch: int | None = None
     epochs_run: int | None = None
     select_metric: str | None = None
-    #: validation metrics of the best epoch, as model selection saw them
+    #: validation metrics of the best epoch, as model selection saw them (on ``validation_pairs["selection"]``)
     validation: dict[str, float | None] = Field(default_factory=dict)
-    #: the final retrieval of the kept heads (class level too)
+    #: per pair type, the validation pairs model selection ranked and all of them: ``{"selection", "full"}``
+    validation_pairs: dict[str, dict[str, int]] = Field(default_factory=dict)
+    #: model selection validated every this many epochs
+    validate_every: int | None = None
+    #: the final retrieval of the kept heads on every validation pair (class level too)
     retrieval: dict[str, float | None] = Field(default_factory=dict)
     #: zero-shot metrics by set name; ``{"error": ...}`` for a set that could not be evaluated
     zero_shot: dict[str, dict[str, Any]] = Field(default_factory=dict)

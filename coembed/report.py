@@ -19,7 +19,7 @@ from typing import Any
 from coembed import layout
 from coembed.metrics import CLASS_LEVEL, RECALL_KS, metric_table
 from coembed.prompts import TOP_K
-from coembed.record import RunRecord, read_record
+from coembed.record import RunMetrics, RunRecord, read_record
 from coembed.sources import describe_data
 from coembed.version import __version__
 from coembed.zeroshot import load_results
@@ -106,11 +106,20 @@ def _section_training(record: RunRecord) -> list[str]:
     train = recipe.train if recipe is not None else None
     rows = [["epochs run", f"{_fmt(metrics.epochs_run)} of {train.epochs if train else '–'}"],
             ["best epoch", f"{_fmt(metrics.best_epoch)} (by `{metrics.select_metric or '–'}`)"],
+            ["model selection on", _selection_text(metrics)],
             ["final training loss", _fmt(metrics.final_loss, 4)],
             ["temperature", _fmt(metrics.temperature, 4)],
             ["batch size, learning rate", f"{train.batch_size}, {train.lr}" if train else "–"],
             ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in metrics.seconds.items()) or "–"]]
     return lines + _table(["", ""], rows) + [""]
+
+
+def _selection_text(metrics: RunMetrics) -> str:
+    """Which validation pairs model selection ranked, and how often."""
+    every = f", every {metrics.validate_every} epochs" if (metrics.validate_every or 1) > 1 else ", every epoch"
+    sets = [f"{n['selection']} of {n['full']} {name} validation pairs" + (" (a sample drawn by group)"
+            if n["selection"] < n["full"] else "") for name, n in metrics.validation_pairs.items()]
+    return ("; ".join(sets) + every) if sets else "–"
 
 
 def retrieval_tables(metrics: dict[str, float]) -> list[str]:
@@ -129,7 +138,9 @@ def retrieval_tables(metrics: dict[str, float]) -> list[str]:
 
 def _section_retrieval(record: RunRecord) -> list[str]:
     tables = retrieval_tables(record.metrics.headline_metrics)
-    lines = ["## Retrieval", "", "On the held-out validation split, with the heads of the best epoch.", ""]
+    full = ", ".join(f"{n['full']} {name}" for name, n in record.metrics.validation_pairs.items())
+    lines = ["## Retrieval", "", "On every pair of the held-out validation split" + (f" ({full})" if full else "")
+             + ", ranked once with the heads of the best epoch.", ""]
     if not tables:
         return lines + ["No retrieval metrics (too few validation pairs).", ""]
     lines += tables + [METRIC_NOTES, ""]

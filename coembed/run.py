@@ -45,6 +45,7 @@ from coembed.dataset import Dataset, load_dataset
 from coembed.errors import AdapterError, RecipeError, TooManyBadItems
 from coembed.extraction import ModalityEmbeddings, extract_dataset
 from coembed.heads import build_head
+from coembed.memory import release_freed_memory, steady_large_blocks
 from coembed.metrics import headline
 from coembed.model import CoEmbedder
 from coembed.model.card import write_model_card
@@ -53,7 +54,7 @@ from coembed.plots import build_figure_sample, draw_run_figures, plot_zero_shot
 from coembed.record import RunCounts, RunMetrics, write_jsonl, write_jsonl_row, write_metrics
 from coembed.registry import Adapter, create_adapter
 from coembed.report import write_report
-from coembed.training import PairSet, Trainer, build_pair_sets, evaluate_pairs
+from coembed.training import Trainer, build_pair_sets
 from coembed.zeroshot import load_results, run_zero_shot
 
 log = logging.getLogger("coembed")
@@ -139,6 +140,7 @@ def format_summary(metrics: RunMetrics) -> str:
 def train_recipe(recipe: Recipe, run_dir: str | Path | None = None, progress: bool = True) -> RunResult:
     """Run ``recipe`` end to end; returns the run folder, the model and the metrics."""
     run_dir = make_run_dir(recipe, run_dir)
+    steady_large_blocks()
     handler = _attach_log_file(run_dir)
     try:
         return _train(recipe, run_dir, progress)
@@ -170,6 +172,7 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
              len(dataset.validation), len(dataset.bad))
     # fail before days of extraction when the source alone is already too bad (a lower bound of the final share)
     write_jsonl(run_dir / layout.BAD_ITEMS, bad_item_rows(dataset, {}))
+    release_freed_memory()
     check_bad_fraction(len(dataset.bad), len(dataset.bad) + len(dataset.records) * len(recipe.trained_modalities()),
                        recipe.data.max_bad_fraction)
 
@@ -177,6 +180,7 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     t = time.perf_counter()
     embedded = extract_dataset(recipe, adapters, dataset, progress)
     times["extract"] = time.perf_counter() - t
+    release_freed_memory()
     bad_rows = bad_item_rows(dataset, embedded)
     flagged_rows = [row for e in embedded.values() for row in e.flagged_rows()]
     write_jsonl(run_dir / layout.BAD_ITEMS, bad_rows + flagged_rows)
@@ -185,6 +189,19 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
 
     # 4. training
     pairs = build_pair_sets(recipe, dataset, embedded)
+    pair_counts = {p.name: {"train": p.n_train, "validation": p.n_val} for p in pairs}
+    record_counts = {"records": len(dataset.records), "train_records": len(dataset.train),
+                     "validation_records": len(dataset.validation)}
+    extraction_stats = {m: asdict(e.stats) for m, e in embedded.items()}
+    # the figures' sample is of encoder vectors: saved now, and the records and lookups are not needed again.
+    # Nothing of theirs stays alive (no id string either), so the memory they took goes back to the system.
+    try:
+        build_figure_sample(recipe.eval, dataset, embedded, pairs, recipe.seed).save(run_dir / layout.FIGURE_SAMPLE)
+    except Exception:  # the figures are optional; training goes on without them
+        log.exception("saving the figures' sample failed; the run goes on without figures")
+    dataset.train, dataset.validation = [], []
+    del embedded
+    release_freed_memory()
     t = time.perf_counter()
     with (run_dir / layout.HISTORY).open("w", encoding="utf-8") as hist:
         def on_epoch(row: dict[str, float]) -> None:
@@ -201,9 +218,10 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
                                                "pairs": [list(p) for p in recipe.pairs]})
     model.heads.load_state_dict(heads.state_dict())
 
-    # 5. evaluation
+    # 5. evaluation: every validation pair once, with the kept heads (the training tensors are not needed now)
     t = time.perf_counter()
-    retrieval = evaluate_pairs(trainer.heads, trainer.pairs, class_level=True)  # the pairs already on the device
+    trainer.release_training_tensors()
+    retrieval = trainer.final_metrics(result.best_metrics)
     zero_shot = run_recipe_zero_shot(recipe, model, run_dir, progress)
     times["evaluate"] = time.perf_counter() - t
 
@@ -211,13 +229,13 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     metrics = RunMetrics(
         best_epoch=result.best_epoch, epochs_run=len(result.history), select_metric=recipe.train.select_metric,
         validation=result.best_metrics, retrieval=retrieval, zero_shot=zero_shot,
+        validation_pairs=result.validation_pairs, validate_every=recipe.train.validate_every,
         final_loss=result.history[-1]["loss"] if result.history else None, temperature=result.temperature,
-        counts=RunCounts(read=dataset.counts, records=len(dataset.records), train_records=len(dataset.train),
-                         validation_records=len(dataset.validation), bad_items=len(bad_rows),
+        counts=RunCounts(read=dataset.counts, **record_counts, bad_items=len(bad_rows),
                          bad_by_reason=count_reasons(bad_rows), flagged_items=len(flagged_rows),
                          flagged_by_reason=count_reasons(flagged_rows),
-                         pairs={p.name: {"train": len(p.train_a), "validation": len(p.val_a)} for p in pairs}),
-        extraction={m: asdict(e.stats) for m, e in embedded.items()},
+                         pairs=pair_counts),
+        extraction=extraction_stats,
         seconds={**times, "total": sum(times.values())},
     )
     write_metrics(run_dir, metrics)
@@ -226,7 +244,7 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     log.info("best epoch %d: %s", result.best_epoch, headline(result.best_metrics))
 
     # 7. best effort
-    publish_run(recipe, run_dir, dataset, embedded, pairs, model, model_dir)
+    publish_run(recipe, run_dir, model, model_dir)
     log.info("wrote %s", run_dir)
     return RunResult(run_dir, model, metrics.model_dump(mode="json"), result.history)
 
@@ -254,10 +272,9 @@ def run_recipe_zero_shot(recipe: Recipe, model: CoEmbedder, run_dir: Path,
     return out
 
 
-def publish_run(recipe: Recipe, run_dir: Path, dataset: Dataset, embedded: dict[str, ModalityEmbeddings],
-                pairs: list[PairSet], model: CoEmbedder, model_dir: Path) -> None:
-    """The optional end of ``coembed train``: the figure sample and the figures (``eval.plots``), the
-    model card again with them, and ``report.md`` (``eval.report``). Each step that fails is logged with
+def publish_run(recipe: Recipe, run_dir: Path, model: CoEmbedder, model_dir: Path) -> None:
+    """The optional end of ``coembed train``: the figures (``eval.plots``, from the sample saved before
+    training), the model card again with them, and ``report.md`` (``eval.report``). Each step that fails is logged with
     the command that redoes it; none can undo the saved model and metrics."""
     def attempt(what: str, redo: str, step: Any) -> bool:
         try:
@@ -268,7 +285,6 @@ def publish_run(recipe: Recipe, run_dir: Path, dataset: Dataset, embedded: dict[
             return False
 
     def figures() -> None:
-        build_figure_sample(recipe.eval, dataset, embedded, pairs, recipe.seed).save(run_dir / layout.FIGURE_SAMPLE)
         if recipe.eval.plots:
             paths = draw_run_figures(run_dir, model=model)
             for result in load_results(run_dir):

@@ -145,14 +145,15 @@ class Lookup:
     store: EmbeddingStore | None = field(default=None, repr=False)
     dim: int = 0
 
-    def gather(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
-        """``[len(positions), dim]`` float32: the vectors of those items (each must be ok), in that order."""
+    def gather(self, positions: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``[len(positions), dim]`` float32: the vectors of those items (each must be ok), in that order,
+        into ``out`` when given."""
         positions = np.asarray(positions, dtype=np.int64)
         if positions.size and not bool(self.ok[positions].all()):
             raise ValueError("gather() of items that are not usable (see Lookup.ok)")
         if self.store is None:
-            return np.zeros((len(positions), self.dim), dtype=np.float32)
-        return self.store.read_rows(self.rows[positions])
+            return np.zeros((len(positions), self.dim), dtype=np.float32) if out is None else out
+        return self.store.read_rows(self.rows[positions], out=out)
 
     @property
     def vectors(self) -> np.ndarray:
@@ -174,9 +175,13 @@ class Lookup:
 
 
 def key_array(keys: Sequence[str]) -> np.ndarray:
-    """Keys as a numpy bytes array (the index's sort order)."""
-    return np.array([k.encode("utf-8", "surrogatepass") for k in keys], dtype=bytes) if len(keys) else \
-        np.zeros(0, dtype="S1")
+    """Keys as a numpy bytes array (the index's sort order), without a Python object per key when ASCII."""
+    if not len(keys):
+        return np.zeros(0, dtype="S1")
+    try:
+        return np.array(keys, dtype=bytes)  # coembed's own keys are hex digests
+    except UnicodeEncodeError:
+        return np.array([k.encode("utf-8", "surrogatepass") for k in keys], dtype=bytes)
 
 
 def _column_keys(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -198,8 +203,9 @@ class _Index:
 
     shards: list[str]                  # shard paths, in the order read (oldest first)
     sizes: list[int]                   # rows per shard
-    keys: np.ndarray                   # sorted unique keys (bytes)
-    rows: np.ndarray                   # int64: the global row of each sorted key (the oldest shard's)
+    keys: np.ndarray                   # the key (bytes) of each global row, shard after shard
+    order: np.ndarray                  # int64: the global rows sorted by key, equal keys oldest first
+    unique: int                        # distinct keys
     shard_of_row: np.ndarray           # int32 per global row
     local_row: np.ndarray              # int32 per global row: the row inside its shard
     errors: dict[int, str]             # global row -> reason, for the rows that have one
@@ -348,14 +354,17 @@ class EmbeddingStore:
             parts = self._read_parts()
             sizes = [len(keys) for _, keys, _, _ in parts]
             all_keys = np.concatenate([keys for _, keys, _, _ in parts]) if parts else np.zeros(0, dtype="S1")
+            starts = np.cumsum([0, *sizes])
+            # the parts' keys become views of the one array: every key is held once
+            parts[:] = [(path, all_keys[starts[i]:starts[i + 1]], errs, notes)
+                        for i, (path, _, errs, notes) in enumerate(parts)]
             order = np.argsort(all_keys, kind="stable")  # equal keys keep shard order: the oldest comes first
             ordered = all_keys[order]
-            first = np.ones(len(ordered), dtype=bool)
-            first[1:] = ordered[1:] != ordered[:-1]
-            starts = np.cumsum([0, *sizes])
+            unique = int(len(ordered) and 1 + np.count_nonzero(ordered[1:] != ordered[:-1]))
+            del ordered
             errors = {int(starts[s]) + i: e for s, (_, _, errs, _) in enumerate(parts) for i, e in errs.items()}
             self._index = _Index(
-                shards=[path for path, _, _, _ in parts], sizes=sizes, keys=ordered[first], rows=order[first],
+                shards=[path for path, _, _, _ in parts], sizes=sizes, keys=all_keys, order=order, unique=unique,
                 shard_of_row=np.repeat(np.arange(len(parts), dtype=np.int32), sizes),
                 local_row=np.concatenate([np.arange(n, dtype=np.int32) for n in sizes]) if sizes
                 else np.zeros(0, dtype=np.int32),
@@ -367,7 +376,7 @@ class EmbeddingStore:
         return {k.decode("utf-8", "surrogatepass") for k in self._load().keys.tolist()}
 
     def __len__(self) -> int:
-        return len(self._load().keys)
+        return self._load().unique
 
     def rows_of(self, keys: Sequence[str]) -> np.ndarray:
         """The store row of each key (``-1`` where the store has none), vectorised."""
@@ -375,9 +384,10 @@ class EmbeddingStore:
         wanted = key_array(keys)
         if not len(index.keys) or not len(wanted):
             return np.full(len(wanted), -1, dtype=np.int64)
-        pos = np.clip(np.searchsorted(index.keys, wanted), 0, len(index.keys) - 1)
-        found = index.keys[pos] == wanted
-        return np.where(found, index.rows[pos], -1).astype(np.int64)
+        # the leftmost match in key order is the oldest shard's row (the sort is stable)
+        pos = np.clip(np.searchsorted(index.keys, wanted, sorter=index.order), 0, len(index.keys) - 1)
+        rows = index.order[pos]
+        return np.where(index.keys[rows] == wanted, rows, -1).astype(np.int64)
 
     def lookup(self, keys: Sequence[str]) -> Lookup:
         """What the store holds for ``keys``, in order: rows, errors, measurements (vectors on demand)."""

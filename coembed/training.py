@@ -1,21 +1,35 @@
 """Training: projection heads on cached embeddings with a contrastive loss per pair type.
 
-All embeddings live on the training device as tensors; a step indexes them
-with a random permutation. There is no per-item Python in the loop. Every pair
-type of the recipe contributes one symmetric InfoNCE term per step (a smaller
-pair set is cycled), so image-audio and audio-text pairs train together.
+All embeddings live on the training device as tensors, read from the store
+straight onto it (in pinned chunks for a GPU); a step indexes them with a
+random permutation. There is no per-item Python in the loop and no host
+synchronisation inside an epoch: the loss is summed on the device and read
+once per epoch. Every pair type of the recipe contributes one symmetric InfoNCE
+term per step (a smaller pair set is cycled), so image-audio and audio-text
+pairs train together. On CUDA the heads run under bf16 autocast by default
+(``train.autocast``); the loss and the temperature stay in float32.
+
+Model selection is cheap at any scale: each validation (every
+``train.validate_every`` epochs) ranks a fixed sample of the validation pairs
+(``train.validation_sample``, drawn by group from the seed), and the full
+validation set is ranked once, at the end, with the kept heads
+(:meth:`Trainer.final_metrics`).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,36 +39,138 @@ from coembed.devices import resolve_device
 from coembed.errors import TooFewPairs
 from coembed.extraction import ModalityEmbeddings
 from coembed.losses import LearnableTemperature, info_nce
-from coembed.metrics import (MEAN_R1, duplicate_groups, lower_is_better, mean_recall_at_1, paired_retrieval,
-                             selectable_metrics)
+from coembed.metrics import (MEAN_R1, chunk_slices, duplicate_groups, lower_is_better, mean_recall_at_1,
+                             paired_retrieval, selectable_metrics)
 from coembed.sources import Record
-from coembed.store import content_identity
+from coembed.store import Lookup, content_identity
 
 log = logging.getLogger(__name__)
+
+#: Rows moved to a GPU per pinned staging buffer.
+DEVICE_CHUNK_ROWS = 65_536
+
+
+@dataclass
+class ValidationSet:
+    """Aligned validation embeddings of one pair type (or a sample of them)."""
+
+    a: str
+    b: str
+    vectors_a: torch.Tensor
+    vectors_b: torch.Tensor
+    #: class label of each pair (``None`` when unknown), for class-level retrieval
+    labels: list[str | None] | None = None
+    #: duplicate group of each pair (:func:`coembed.metrics.duplicate_groups`; default: identical vectors)
+    groups: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.vectors_a.shape[0])
+
+    def subset(self, positions: np.ndarray) -> ValidationSet:
+        index = torch.as_tensor(positions, dtype=torch.long)
+        device_index = index.to(self.vectors_a.device)
+        return ValidationSet(self.a, self.b, self.vectors_a[device_index], self.vectors_b[device_index],
+                             None if self.labels is None else [self.labels[i] for i in positions.tolist()],
+                             None if self.groups is None else self.groups[index])
 
 
 @dataclass
 class PairSet:
-    """Aligned encoder embeddings of one pair type, split into train and validation."""
+    """Aligned encoder embeddings of one pair type, split into train and validation.
+
+    The training pairs are tensors on the training device. The validation pairs
+    are either tensors too (``val_a``, ``val_b``) or, for a pair set built from
+    the store, read from it when asked for (:meth:`validation`): during training
+    only model selection's sample of them is in memory.
+    """
 
     a: str
     b: str
     train_a: torch.Tensor
     train_b: torch.Tensor
-    val_a: torch.Tensor
-    val_b: torch.Tensor
+    val_a: torch.Tensor | None = None
+    val_b: torch.Tensor | None = None
     #: class label of each validation pair (``None`` when unknown), for class-level retrieval
     val_labels: list[str | None] | None = None
-    #: duplicate group of each validation pair (``evaluation.duplicate_groups``; default: identical vectors)
+    #: duplicate group of each validation pair (:func:`coembed.metrics.duplicate_groups`; default: identical vectors)
     val_groups: torch.Tensor | None = None
+    #: the record group of each validation pair (a video, a recording): a validation sample takes groups whole
+    val_record_groups: Sequence[str] | None = None
+    #: the store rows of the training pairs' items, ``(rows of a, rows of b)`` (figures pick pairs by them)
+    train_rows: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    #: where the validation vectors are read from when ``val_a``/``val_b`` are not held: the two lookups and the
+    #: positions of the validation pairs' items in them
+    val_source: tuple[Lookup, Lookup, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return f"{self.a}-{self.b}"
 
-    def to(self, device: torch.device) -> "PairSet":
-        return PairSet(self.a, self.b, self.train_a.to(device), self.train_b.to(device), self.val_a.to(device),
-                       self.val_b.to(device), self.val_labels, self.val_groups)
+    @property
+    def n_train(self) -> int:
+        return int(self.train_a.shape[0])
+
+    @property
+    def n_val(self) -> int:
+        if self.val_a is not None:
+            return int(self.val_a.shape[0])
+        return 0 if self.val_source is None else len(self.val_source[2])
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_a.device
+
+    def to(self, device: torch.device) -> PairSet:
+        """This pair set on ``device`` (itself when it is there already: nothing is copied)."""
+        held = [t for t in (self.train_a, self.train_b, self.val_a, self.val_b) if t is not None]
+        if all(t.device == torch.device(device) for t in held):
+            return self
+        return PairSet(self.a, self.b, self.train_a.to(device), self.train_b.to(device),
+                       None if self.val_a is None else self.val_a.to(device),
+                       None if self.val_b is None else self.val_b.to(device), self.val_labels, self.val_groups,
+                       self.val_record_groups, self.train_rows, self.val_source)
+
+    def validation(self, positions: np.ndarray | None = None) -> ValidationSet:
+        """The validation pairs (those at ``positions``, default all) on the pair set's device."""
+        if self.val_a is not None and self.val_b is not None:
+            full = ValidationSet(self.a, self.b, self.val_a, self.val_b, self.val_labels, self.val_groups)
+            return full if positions is None else full.subset(positions)
+        if self.val_source is None:
+            empty = self.train_a.new_zeros((0, self.train_a.shape[1])), self.train_b.new_zeros((0, self.train_b.shape[1]))
+            return ValidationSet(self.a, self.b, *empty, [], None)
+        lookup_a, lookup_b, rows_a, rows_b = self.val_source
+        chosen = np.arange(len(rows_a)) if positions is None else np.asarray(positions, dtype=np.int64)
+        return ValidationSet(self.a, self.b, vectors_on(lookup_a, rows_a[chosen], self.device),
+                             vectors_on(lookup_b, rows_b[chosen], self.device),
+                             None if self.val_labels is None else [self.val_labels[i] for i in chosen.tolist()],
+                             None if self.val_groups is None else self.val_groups[torch.as_tensor(chosen)])
+
+    def validation_sample(self, size: int | None, seed: int) -> ValidationSet:
+        """About ``size`` validation pairs drawn by record group (whole groups), fixed by ``seed``; all with ``None``."""
+        if size is None or self.n_val <= size:
+            return self.validation()
+        groups = [str(i) for i in range(self.n_val)] if self.val_record_groups is None else self.val_record_groups
+        return self.validation(sample_by_group(groups, size, seed))
+
+    def release_training_tensors(self) -> None:
+        """Drop the training pairs' tensors (the final evaluation and the figures need none of them)."""
+        self.train_a = self.train_a.new_zeros((0, self.train_a.shape[1]))
+        self.train_b = self.train_b.new_zeros((0, self.train_b.shape[1]))
+
+
+def sample_by_group(groups: Sequence[str], size: int, seed: int) -> np.ndarray:
+    """Sorted positions of at least ``size`` items (all when fewer), taking the groups of ``groups`` whole in
+    an order fixed by a hash of ``(seed, group)``, as the train/validation split orders them."""
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    order = sorted(by_group, key=lambda g: hashlib.sha256(f"{seed}\0validation-sample\0{g}".encode()).hexdigest())
+    chosen: list[int] = []
+    for g in order:
+        if len(chosen) >= size:
+            break
+        chosen += by_group[g]
+    return np.array(sorted(chosen), dtype=np.int64)
 
 
 @dataclass
@@ -65,6 +181,8 @@ class TrainResult:
     temperature: float
     seconds: float
     state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    #: validation pairs model selection ranked, per pair type: ``{"selection": n, "full": n}``
+    validation_pairs: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,25 +222,66 @@ def align_pairs(records: Sequence[Record], row_a: Callable[[str], int | None],
     return aligned
 
 
-def evaluate_pairs(heads: nn.ModuleDict, pairs: list[PairSet], chunk_size: int = 1024,
-                   class_level: bool = False) -> dict[str, float]:
-    """Validation retrieval metrics of every pair type, plus ``mean_r1``.
+def vectors_on(lookup: Lookup, positions: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The vectors of items ``positions`` of a store lookup as one tensor on ``device``, with no full host copy
+    for a GPU: rows are read into pinned staging buffers and copied asynchronously, chunk by chunk."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if device.type != "cuda":
+        return torch.from_numpy(lookup.gather(positions)).to(device)
+    out = torch.empty((len(positions), lookup.dim), dtype=torch.float32, device=device)
+    chunk = min(DEVICE_CHUNK_ROWS, max(len(positions), 1))
+    staging = [torch.empty((chunk, lookup.dim), dtype=torch.float32).pin_memory() for _ in range(2)]
+    done = [torch.cuda.Event(), torch.cuda.Event()]
+    for k, sl in enumerate(chunk_slices(len(positions), chunk)):
+        buf, event = staging[k % 2], done[k % 2]
+        event.synchronize()  # the copy that last used this buffer has finished
+        n = sl.stop - sl.start
+        lookup.gather(positions[sl], out=buf[:n].numpy())
+        out[sl].copy_(buf[:n], non_blocking=True)
+        event.record()
+    torch.cuda.current_stream(device).synchronize()
+    return out
 
-    ``class_level`` adds class-level retrieval for pair sets with ``val_labels``.
+
+def project_normalized(head: nn.Module, vectors: torch.Tensor, chunk_size: int = 16_384) -> torch.Tensor:
+    """``F.normalize(head(vectors))`` built chunk by chunk into one new tensor (never the input itself)."""
+    out: torch.Tensor | None = None
+    for sl in chunk_slices(vectors.shape[0], chunk_size):
+        part = F.normalize(head(vectors[sl]).float(), dim=-1)
+        if out is None:
+            out = part.new_empty((vectors.shape[0], part.shape[1]))
+        out[sl] = part
+    return out if out is not None else vectors.new_zeros((0, vectors.shape[1])).float()
+
+
+def evaluate(heads: nn.ModuleDict, sets: Sequence[ValidationSet], chunk_size: int = 1024,
+             class_level: bool = False, instance_level: bool = True) -> dict[str, float]:
+    """Retrieval metrics of every validation set (sets of fewer than 2 pairs are left out), plus ``mean_r1``.
+
+    ``class_level`` adds class-level retrieval for sets with labels; ``instance_level=False`` leaves the
+    instance-level metrics out (when they are known already).
     """
     metrics: dict[str, float] = {}
     was_training = heads.training
     heads.eval()
     with torch.no_grad():
-        for p in pairs:
-            if p.val_a.shape[0] < 2:
+        for v in sets:
+            if len(v) < 2:
                 continue
-            labels = p.val_labels if class_level else None
-            metrics.update(paired_retrieval(heads[p.a](p.val_a), heads[p.b](p.val_b), p.a, p.b, chunk_size,
-                                            labels=labels, groups=p.val_groups))
+            metrics.update(paired_retrieval(project_normalized(heads[v.a], v.vectors_a),
+                                            project_normalized(heads[v.b], v.vectors_b), v.a, v.b, chunk_size,
+                                            labels=v.labels if class_level else None, groups=v.groups,
+                                            normalized=True, instance_level=instance_level))
     heads.train(was_training)
-    metrics[MEAN_R1] = mean_recall_at_1(metrics)
+    if instance_level:
+        metrics[MEAN_R1] = mean_recall_at_1(metrics)
     return metrics
+
+
+def evaluate_pairs(heads: nn.ModuleDict, pairs: Sequence[PairSet], chunk_size: int = 1024,
+                   class_level: bool = False) -> dict[str, float]:
+    """Retrieval metrics of every pair type's whole validation set, plus ``mean_r1``."""
+    return evaluate(heads, [p.validation() for p in pairs], chunk_size, class_level)
 
 
 def _better(metric: str, new: float, old: float | None) -> bool:
@@ -136,6 +295,11 @@ def _better(metric: str, new: float, old: float | None) -> bool:
     return new < old if lower_is_better(metric) else new > old
 
 
+def use_autocast(config: TrainConfig, device: torch.device) -> bool:
+    """``train.autocast``, or by default: on for CUDA, off elsewhere."""
+    return device.type == "cuda" if config.autocast is None else bool(config.autocast)
+
+
 class Trainer:
     """Fits ``heads`` so paired embeddings meet in the anchor space."""
 
@@ -147,38 +311,58 @@ class Trainer:
         t = config.temperature
         self.temperature = LearnableTemperature(t.init, t.learnable, t.min).to(self.device)
         self.seed = seed
+        self.autocast = use_autocast(config, self.device)
+        if self.autocast and self.device.type != "cuda":
+            log.info("train.autocast on %s: bf16 autocast of the heads on the CPU", self.device)
         params = [p for p in list(self.heads.parameters()) + list(self.temperature.parameters()) if p.requires_grad]
         if not any(p.requires_grad for p in self.heads.parameters()):
             raise ValueError("no head has trainable parameters: every pair joins two identity heads")
         opt = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt(params, lr=config.lr, weight_decay=config.weight_decay)
+        #: what each validation ranks: a fixed sample of every pair type's validation pairs
+        self.selection = [p.validation_sample(config.validation_sample, seed) for p in self.pairs]
+        self._sizes = {p.name: {"selection": len(s), "full": p.n_val} for p, s in zip(self.pairs, self.selection)}
+        self._workspaces: list[torch.Tensor] = []
+
+    @property
+    def selection_is_full(self) -> bool:
+        """Whether model selection ranked every validation pair (the set was no larger than the sample)."""
+        return all(s["selection"] == s["full"] for s in self._sizes.values())
 
     def _epoch(self, generator: torch.Generator) -> float:
         bs = self.config.batch_size
         plans = []
         for p in self.pairs:
-            n = p.train_a.shape[0]
+            n = p.n_train
             b = min(bs, n)
-            perm = torch.randperm(n, generator=generator).to(self.device)
+            perm = torch.randperm(n, generator=generator)
+            perm = perm.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else perm
             plans.append((p, perm, b, math.ceil(n / b)))
         steps = max(s for *_, s in plans)
-        total, count = 0.0, 0
+        if len(self._workspaces) != len(plans):  # one logits buffer per pair type, reused by every step
+            self._workspaces = [torch.empty(b * b, device=self.device) for _, _, b, _ in plans]
+        total = torch.zeros((), device=self.device)  # summed on the device: no host synchronisation per step
+        count = 0
         for step in range(steps):
             loss = torch.zeros((), device=self.device)
             scale = self.temperature()
-            for p, perm, b, n_steps in plans:
+            for (p, perm, b, n_steps), workspace in zip(plans, self._workspaces):
                 idx = perm[(step % n_steps) * b:(step % n_steps + 1) * b]
                 if idx.numel() < 2:
                     continue
-                loss = loss + info_nce(self.heads[p.a](p.train_a[idx]), self.heads[p.b](p.train_b[idx]), scale)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    za, zb = self.heads[p.a](p.train_a[idx]), self.heads[p.b](p.train_b[idx])
+                loss = loss + info_nce(za, zb, scale, workspace)  # float32, outside autocast
+                del za, zb  # held by the graph alone, freed with it
             if not loss.requires_grad:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += float(loss.detach())
+            total += loss.detach()
             count += 1
-        return total / max(count, 1)
+            del loss
+        return float(total) / max(count, 1)
 
     def fit(self, on_epoch: Callable[[dict[str, float]], None] | None = None, progress: bool = True) -> TrainResult:
         torch.manual_seed(self.seed)
@@ -192,31 +376,54 @@ class Trainer:
         best_epoch, best_metrics, best_state = 0, {}, self._state()
         since_best = 0
         start = time.perf_counter()
-        bar = tqdm(range(1, self.config.epochs + 1), desc="train", unit="epoch", disable=not progress,
-                   dynamic_ncols=True)
+        epochs, every = self.config.epochs, self.config.validate_every
+        bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress, dynamic_ncols=True)
         for epoch in bar:
             self.heads.train()
             t0 = time.perf_counter()
             loss = self._epoch(generator)
-            metrics = evaluate_pairs(self.heads, self.pairs)
+            validated = epoch % every == 0 or epoch == epochs
+            metrics = evaluate(self.heads, self.selection) if validated else {}
             row = {"epoch": epoch, "loss": loss, "temperature": self.temperature.temperature,
                    "seconds": time.perf_counter() - t0, **metrics}
             history.append(row)
             if on_epoch is not None:
                 on_epoch(row)
+            if not validated:
+                bar.set_postfix(loss=f"{loss:.4f}")
+                continue
             value = row.get(metric, float("nan"))
             if _better(metric, value, best_value):
                 best_value, best_epoch, best_metrics, best_state = value, epoch, metrics, self._state()
                 since_best = 0
             else:
-                since_best += 1
+                since_best += every
             bar.set_postfix(loss=f"{loss:.4f}", **{metric: f"{value:.4f}"})
             if self.config.patience is not None and since_best >= self.config.patience:
                 log.info("no %s improvement for %d epochs: stopping at epoch %d", metric, since_best, epoch)
                 break
         self._load_state(best_state)
+        sizes = self._sizes
         return TrainResult(history, best_epoch, best_metrics, self.temperature.temperature,
-                           time.perf_counter() - start, best_state)
+                           time.perf_counter() - start, best_state, sizes)
+
+    def final_metrics(self, best_metrics: dict[str, float], chunk_size: int = 1024) -> dict[str, float]:
+        """Retrieval of the kept heads on every validation pair, instance and class level, computed once.
+
+        When model selection already ranked every validation pair, its instance-level metrics of the
+        best epoch (``best_metrics``) are those, and only the class level is computed here.
+        """
+        self.selection = []  # the sample's memory, before every validation pair is read
+        full = [p.validation() for p in self.pairs]
+        if self.selection_is_full and best_metrics:
+            return {**best_metrics, **evaluate(self.heads, full, chunk_size, class_level=True, instance_level=False)}
+        return evaluate(self.heads, full, chunk_size, class_level=True)
+
+    def release_training_tensors(self) -> None:
+        """Free the training pairs' memory once training is over (the final evaluation needs none of it)."""
+        for p in self.pairs:
+            p.release_training_tensors()
+        self._workspaces = []
 
     def _state(self) -> dict[str, torch.Tensor]:
         state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
@@ -228,23 +435,30 @@ class Trainer:
         self.temperature.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith("temperature.")})
 
 
-def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, ModalityEmbeddings]) -> list[PairSet]:
-    """The train and validation pairs of every pair type of the recipe, from the usable embedded items.
+def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, ModalityEmbeddings],
+                    device: torch.device | None = None) -> list[PairSet]:
+    """The train and validation pairs of every pair type of the recipe, from the usable embedded items,
+    read from the store straight onto ``device`` (default: the training device).
 
     :class:`~coembed.errors.TooFewPairs` when a pair type has fewer than 2 training pairs.
     """
+    device = device or resolve_device(recipe.train.device)
     pairs = []
     for a, b in recipe.pairs:
         ea, eb = embedded[a], embedded[b]
         train = align_pairs(dataset.train, ea.ok_row, eb.ok_row)
-        val = align_pairs(dataset.validation, ea.ok_row, eb.ok_row)
-        pair = PairSet(a, b, torch.from_numpy(ea.lookup.gather(train.rows_a)),
-                       torch.from_numpy(eb.lookup.gather(train.rows_b)),
-                       torch.from_numpy(ea.lookup.gather(val.rows_a)), torch.from_numpy(eb.lookup.gather(val.rows_b)),
-                       val_labels=[r.label for r in val.records], val_groups=val.duplicate_groups(a, b))
-        log.info("pair type %s: %d train pairs, %d validation pairs", pair.name, len(pair.train_a), len(pair.val_a))
-        if len(pair.train_a) < 2:
-            raise TooFewPairs(f"pair type {pair.name} has {len(pair.train_a)} usable training pairs; "
+        if len(train) < 2:
+            raise TooFewPairs(f"pair type {a}-{b} has {len(train)} usable training pairs; "
                               "at least 2 are needed (see bad_items.jsonl)")
+        val = align_pairs(dataset.validation, ea.ok_row, eb.ok_row)
+        pair = PairSet(a, b, vectors_on(ea.lookup, train.rows_a, device), vectors_on(eb.lookup, train.rows_b, device),
+                       # interned labels and a numpy array of groups: nothing keeps the records' own strings alive
+                       val_labels=[None if r.label is None else sys.intern(r.label) for r in val.records],
+                       val_groups=val.duplicate_groups(a, b),
+                       val_record_groups=np.array([r.group for r in val.records], dtype=str),
+                       train_rows=(np.asarray(train.rows_a, dtype=np.int64), np.asarray(train.rows_b, dtype=np.int64)),
+                       val_source=(ea.lookup, eb.lookup, np.asarray(val.rows_a, dtype=np.int64),
+                                   np.asarray(val.rows_b, dtype=np.int64)))
+        log.info("pair type %s: %d train pairs, %d validation pairs", pair.name, pair.n_train, len(val))
         pairs.append(pair)
     return pairs

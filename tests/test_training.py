@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -124,3 +126,123 @@ def test_without_validation_pairs_the_last_epoch_is_kept():
     assert len(result.history) == 5 and result.best_epoch == 5
     final = {f"heads.{k}": v for k, v in heads.state_dict().items()}
     assert all(torch.equal(final[k], result.state[k]) for k in final)
+
+
+# ---------------------------------------------------------------------------------------
+# validation at scale: a fixed sample for model selection, every pair once at the end
+# ---------------------------------------------------------------------------------------
+
+
+def _grouped_pairset(n=600, group_size=3, seed=0):
+    full = _pairset(seed=seed, n=n)
+    groups = [f"video-{i // group_size}" for i in range(full.val_a.shape[0])]
+    return PairSet("image", "audio", full.train_a, full.train_b, full.val_a, full.val_b,
+                   val_labels=[f"class-{i % 4}" for i in range(len(groups))], val_record_groups=groups)
+
+
+def test_the_validation_sample_takes_whole_groups_fixed_by_the_seed():
+    from coembed.training import sample_by_group
+
+    groups = [f"g{i // 4}" for i in range(400)] + [f"solo{i}" for i in range(50)]  # 100 groups of 4, 50 of 1
+    first = sample_by_group(groups, 60, seed=1)
+    assert first.tolist() == sample_by_group(groups, 60, seed=1).tolist()  # reproducible
+    assert first.tolist() != sample_by_group(groups, 60, seed=2).tolist()  # the seed draws it
+    assert 60 <= len(first) < 64 and first.tolist() == sorted(first.tolist())
+    chosen = {groups[i] for i in first}
+    assert all((groups[i] in chosen) == (i in set(first.tolist())) for i in range(len(groups)))  # whole groups
+    assert sample_by_group(groups, 1000, seed=1).tolist() == list(range(450))  # fewer than asked: all of them
+
+    pair = _grouped_pairset()
+    sample = pair.validation_sample(30, seed=5)
+    assert len(sample) >= 30 and len(sample) % 3 == 0  # groups of 3, taken whole
+    trainer = Trainer(_heads(), [pair], TrainConfig(epochs=1, validation_sample=30, device="cpu"), seed=5)
+    assert torch.equal(trainer.selection[0].vectors_a, sample.vectors_a) and not trainer.selection_is_full
+
+
+def test_selection_ranks_the_sample_and_the_final_metrics_every_pair_once(monkeypatch):
+    import coembed.metrics
+    import coembed.training
+
+    pair = _grouped_pairset()
+    n_val = pair.val_a.shape[0]
+    sizes = []
+    real = coembed.metrics.rank_gallery
+
+    def counting(queries, gallery, *args, **kwargs):
+        sizes.append((queries.shape[0], gallery.shape[0]))
+        return real(queries, gallery, *args, **kwargs)
+
+    monkeypatch.setattr(coembed.metrics, "rank_gallery", counting)
+    heads = _heads()
+    trainer = Trainer(heads, [pair], TrainConfig(epochs=4, batch_size=64, lr=1e-2, validation_sample=30,
+                                                 validate_every=2, device="cpu"))
+    result = trainer.fit(progress=False)
+    selection = len(trainer.selection[0])
+    assert [row["epoch"] for row in result.history if "mean_r1" in row] == [2, 4]  # every 2 epochs
+    assert sizes == [(selection, selection)] * 4  # 2 validations x 2 directions, on the sample only
+    assert result.validation_pairs == {"image-audio": {"selection": selection, "full": n_val}}
+    sizes.clear()
+    final = trainer.final_metrics(result.best_metrics)
+    assert sizes.count((n_val, n_val)) == 4  # instance and class level, both directions, once each
+    expected = evaluate_pairs(heads, [pair], class_level=True)
+    assert final == pytest.approx(expected, nan_ok=True)
+
+    small = _grouped_pairset()
+    trainer = Trainer(_heads(), [small], TrainConfig(epochs=2, batch_size=64, validation_sample=None, device="cpu"))
+    result = trainer.fit(progress=False)
+    assert trainer.selection_is_full
+    sizes.clear()
+    final = trainer.final_metrics(result.best_metrics)
+    assert sizes == [(n_val, n_val)] * 2  # the instance level is the best epoch's already: class level only
+    assert {k: v for k, v in final.items() if "/class/" not in k} == result.best_metrics
+
+
+def test_the_loop_is_plain_adam_on_info_nce_with_autocast_off():
+    """Autocast off (the CPU default), the trainer computes exactly this reference loop: the same heads,
+    bit for bit, as the trainer before device-side loss accounting and autocast existed."""
+    import math
+
+    pair = _pairset()
+    config = TrainConfig(epochs=3, batch_size=64, lr=1e-2, device="cpu", autocast=False)
+    heads = _heads(kind="mlp")
+    Trainer(heads, [pair], config, seed=7).fit(progress=False)
+
+    ref = _heads(kind="mlp")
+    temperature = LearnableTemperature(0.07, True, 0.01)
+    params = [p for p in list(ref.parameters()) + list(temperature.parameters()) if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    torch.manual_seed(7)
+    generator = torch.Generator().manual_seed(7)
+    n = pair.train_a.shape[0]
+    for _ in range(3):
+        perm = torch.randperm(n, generator=generator)
+        for step in range(math.ceil(n / 64)):
+            idx = perm[step * 64:(step + 1) * 64]
+            if idx.numel() < 2:
+                continue
+            loss = info_nce(ref["image"](pair.train_a[idx]), ref["audio"](pair.train_b[idx]), temperature())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for (name, got), (_, want) in zip(heads.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(got, want), name
+
+
+def test_autocast_trains_the_heads_in_bf16_and_keeps_the_loss_in_float32(monkeypatch):
+    import coembed.training
+
+    dtypes = []
+    real = coembed.training.info_nce
+
+    def spy(a, b, scale, workspace=None):
+        loss = real(a, b, scale, workspace)
+        dtypes.append((b.dtype, scale.dtype, loss.dtype))  # b: the audio head's output (a: the identity's)
+        return loss
+
+    monkeypatch.setattr(coembed.training, "info_nce", spy)
+    heads = _heads()
+    result = Trainer(heads, [_pairset()], TrainConfig(epochs=2, batch_size=64, lr=1e-2, device="cpu",
+                                                      autocast=True)).fit(progress=False)
+    assert {d for d, _, _ in dtypes} == {torch.bfloat16}  # the trained head's output under autocast
+    assert {(s, l) for _, s, l in dtypes} == {(torch.float32, torch.float32)}
+    assert heads["audio"].weight.dtype == torch.float32 and math.isfinite(result.history[-1]["loss"])
