@@ -109,5 +109,5 @@ def retrieval_on_data(model: CoEmbedder, evaluation: EvaluationData, pairs: Sequ
             continue
         metrics.update(paired_retrieval(embedded[a].vectors[aligned.rows_a], embedded[b].vectors[aligned.rows_b],
                                         a, b, chunk_size, labels=[r.label for r in aligned.records],
-                                        groups=aligned.duplicate_groups(a, b)))
+                                        duplicates=aligned.duplicates(a, b)))
     return metrics, counts

@@ -5,11 +5,12 @@ query ranks the whole gallery by cosine similarity, and a gallery item is
 *relevant* to a query when their labels are equal. Three uses share it:
 
 * **paired retrieval**: row ``i`` of one modality is relevant to row ``i`` of
-  the other. Duplicate items are one item: pairs sharing an item on either
-  side (the same raw content in a run, else an identical vector) join one
-  group (transitively), so an audio clip with five captions finds any of them
-  and five identical captions do not compete with each other (the AudioCaps
-  convention).
+  the other. Duplicate items are one item: each direction ranks the distinct
+  items of its gallery (the same raw content in a run, else an identical
+  vector) for each distinct query, and pairs sharing an item on either side
+  join one group (transitively) whose gallery items are all relevant, so an
+  audio clip with five captions finds any of them (the AudioCaps convention)
+  and a caption shared by a hundred clips is one gallery item, not a hundred.
 * **class-level retrieval**: a hit when the labels (classes) match.
 * **zero-shot classification** (:mod:`coembed.zeroshot`): the gallery is one
   text embedding per class.
@@ -241,27 +242,59 @@ def _key_ids(keys: torch.Tensor | Sequence[Hashable]) -> np.ndarray:
     return np.array([index.setdefault(k, len(index)) for k in keys], dtype=np.int64)
 
 
-def duplicate_groups(keys_a: torch.Tensor | Sequence[Hashable],
-                     keys_b: torch.Tensor | Sequence[Hashable]) -> torch.Tensor:
-    """Group ids of aligned pairs: pairs that share an item on either side are one group.
+@dataclass(frozen=True)
+class Duplicates:
+    """Which aligned pairs share items: for pair ``i``, the ids of its item on each side (equal ids:
+    the same item) and its duplicate group (pairs linked by a shared item on either side, transitively)."""
+
+    item_a: torch.Tensor
+    item_b: torch.Tensor
+    group: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.group.shape[0])
+
+    def __getitem__(self, index: torch.Tensor | np.ndarray | slice) -> Duplicates:
+        """The pairs at ``index`` (ids and groups keep their values)."""
+        index = torch.as_tensor(index) if isinstance(index, np.ndarray) else index
+        return Duplicates(self.item_a[index], self.item_b[index], self.group[index])
+
+    def items(self, side: int) -> torch.Tensor:
+        """The item ids of side 0 (``a``) or 1 (``b``)."""
+        return self.item_a if side == 0 else self.item_b
+
+
+def find_duplicates(keys_a: torch.Tensor | Sequence[Hashable],
+                    keys_b: torch.Tensor | Sequence[Hashable]) -> Duplicates:
+    """The identical items and duplicate groups of aligned pairs.
 
     An item is identified by its key (e.g. :func:`coembed.store.content_identity`
-    of the raw item) or, given tensors, by its exact vector. The grouping is
-    transitive (connected components of the pair graph), so a clip with several
-    captions and a caption shared by several clips each form one group with
-    everything they are linked to.
+    of the raw item) or, given tensors, by its exact vector. Pairs that share an
+    item on either side are one group, transitively (connected components of
+    the pair graph), so a clip with several captions and a caption shared by
+    several clips each form one group with everything they are linked to.
     """
     n = len(keys_a)
     if n != len(keys_b):
         raise ValueError(f"duplicate groups need aligned pairs, got {n} and {len(keys_b)} keys")
     if n == 0:
-        return torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long)
+        return Duplicates(empty, empty, empty)
     ia, ib = _key_ids(keys_a), _key_ids(keys_b)
     n_a = int(ia.max()) + 1
     size = n_a + int(ib.max()) + 1
     graph = coo_matrix((np.ones(n), (ia, n_a + ib)), shape=(size, size))
     _, component = connected_components(graph, directed=False)
-    return torch.from_numpy(component[ia]).long()
+    return Duplicates(torch.from_numpy(ia).long(), torch.from_numpy(ib).long(), torch.from_numpy(component[ia]).long())
+
+
+def distinct_rows(item_ids: torch.Tensor) -> torch.Tensor:
+    """The position of the first row of every distinct id, in row order."""
+    ids = item_ids.cpu()
+    _, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1 if ids.numel() else 0,), ids.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(ids.numel()), reduce="amin")
+    return first.sort().values
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,14 +403,17 @@ def headline(metrics: dict[str, float]) -> str:
 
 
 def paired_retrieval(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, chunk_size: int = 1024,
-                     labels: Sequence[str | None] | None = None, groups: torch.Tensor | None = None,
+                     labels: Sequence[str | None] | None = None, duplicates: Duplicates | None = None,
                      normalized: bool = False, instance_level: bool = True) -> dict[str, float]:
     """Retrieval metrics in both directions for aligned rows of ``a`` and ``b``.
 
     Keys look like ``"audio->image/R@1"``, ``"audio->image/mAP"`` and
-    ``"audio->image/chance/R@1"``. ``groups`` are the duplicate groups of the
-    pairs (:func:`duplicate_groups`; default: from identical rows of ``a`` and
-    ``b``). With ``labels`` (one per row; ``None`` rows are left out) the
+    ``"audio->image/chance/R@1"``. Identical items count once: each direction
+    ranks the distinct items of its gallery for each distinct query item, and
+    a query's relevant items are the gallery items of its duplicate group
+    (``duplicates``: :func:`find_duplicates` of the pairs' item keys; default:
+    identical rows of ``a`` and ``b``); the chance levels come from the same
+    gallery. With ``labels`` (one per row; ``None`` rows are left out) the
     class-level metrics follow as ``"audio->image/class/R@1"`` etc.: a hit is
     any item of the query's class. ``normalized``: the rows are unit float32 vectors
     already (no normalised copies are made); ``instance_level=False`` computes the
@@ -386,25 +422,36 @@ def paired_retrieval(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str,
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"paired retrieval needs aligned rows, got {a.shape[0]} and {b.shape[0]}")
     out: dict[str, float] = {}
-    groups = duplicate_groups(a, b) if groups is None and instance_level else groups
+    duplicates = find_duplicates(a, b) if duplicates is None else duplicates
+    if len(duplicates) != a.shape[0]:
+        raise ValueError(f"{len(duplicates)} duplicate entries for {a.shape[0]} pairs")
     a, b = _unit(a, normalized), _unit(b, normalized)
-    directions = ((name_a, name_b, a, b), (name_b, name_a, b, a))
+    directions = ((name_a, name_b, a, b, 0), (name_b, name_a, b, a, 1))
     if instance_level:
-        for qn, gn, q, g in directions:
-            for measure, value in ranking_metrics(rank_gallery(q, g, groups, groups, chunk_size, True)).items():
+        for qn, gn, q, g, side in directions:
+            qs, gs = distinct_rows(duplicates.items(side)), distinct_rows(duplicates.items(1 - side))
+            ranking = rank_gallery(_rows(q, qs), _rows(g, gs), duplicates.group[qs], duplicates.group[gs],
+                                   chunk_size, True)
+            for measure, value in ranking_metrics(ranking).items():
                 out[_key(qn, gn, measure)] = value
     if labels is not None:
-        keep = [i for i, x in enumerate(labels) if x is not None]
+        keep = torch.tensor([i for i, x in enumerate(labels) if x is not None], dtype=torch.long)
         if len(keep) >= 2:
-            ids, _ = encode_labels([str(labels[i]) for i in keep])
-            every = len(keep) == len(labels)  # then no subset copies
-            rows = torch.tensor(keep, dtype=torch.long)
-            for qn, gn, q, g in directions:
-                qs, gs = (q, g) if every else (q[rows.to(q.device)], g[rows.to(g.device)])
-                ranking = rank_gallery(qs, gs, ids, ids, chunk_size, True)
+            ids, _ = encode_labels([str(labels[i]) for i in keep.tolist()])
+            labelled = duplicates[keep]
+            for qn, gn, q, g, side in directions:
+                qs, gs = distinct_rows(labelled.items(side)), distinct_rows(labelled.items(1 - side))
+                ranking = rank_gallery(_rows(q, keep[qs]), _rows(g, keep[gs]), ids[qs], ids[gs], chunk_size, True)
                 for measure, value in ranking_metrics(ranking).items():
                     out[_key(qn, gn, measure, CLASS_LEVEL)] = value
     return out
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]``, or ``x`` itself (no copy) when ``rows`` is every row in order."""
+    if rows.numel() == x.shape[0] and (rows.numel() == 0 or int(rows[-1]) == x.shape[0] - 1):
+        return x
+    return x[rows.to(x.device)]
 
 
 def _key(query: str, gallery: str, measure: str, level: str = "") -> str:

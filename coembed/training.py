@@ -39,7 +39,7 @@ from coembed.devices import resolve_device
 from coembed.errors import TooFewPairs
 from coembed.extraction import ModalityEmbeddings
 from coembed.losses import LearnableTemperature, info_nce
-from coembed.metrics import (MEAN_R1, chunk_slices, duplicate_groups, lower_is_better, mean_recall_at_1,
+from coembed.metrics import (MEAN_R1, Duplicates, chunk_slices, find_duplicates, lower_is_better, mean_recall_at_1,
                              paired_retrieval, selectable_metrics)
 from coembed.sources import Record
 from coembed.store import Lookup, content_identity
@@ -60,8 +60,9 @@ class ValidationSet:
     vectors_b: torch.Tensor
     #: class label of each pair (``None`` when unknown), for class-level retrieval
     labels: list[str | None] | None = None
-    #: duplicate group of each pair (:func:`coembed.metrics.duplicate_groups`; default: identical vectors)
-    groups: torch.Tensor | None = None
+    #: identical items and duplicate groups of the pairs (:func:`coembed.metrics.find_duplicates`; default:
+    #: identical vectors)
+    duplicates: Duplicates | None = None
 
     def __len__(self) -> int:
         return int(self.vectors_a.shape[0])
@@ -71,7 +72,7 @@ class ValidationSet:
         device_index = index.to(self.vectors_a.device)
         return ValidationSet(self.a, self.b, self.vectors_a[device_index], self.vectors_b[device_index],
                              None if self.labels is None else [self.labels[i] for i in positions.tolist()],
-                             None if self.groups is None else self.groups[index])
+                             None if self.duplicates is None else self.duplicates[index])
 
 
 @dataclass
@@ -92,8 +93,9 @@ class PairSet:
     val_b: torch.Tensor | None = None
     #: class label of each validation pair (``None`` when unknown), for class-level retrieval
     val_labels: list[str | None] | None = None
-    #: duplicate group of each validation pair (:func:`coembed.metrics.duplicate_groups`; default: identical vectors)
-    val_groups: torch.Tensor | None = None
+    #: identical items and duplicate groups of the validation pairs (:func:`coembed.metrics.find_duplicates`;
+    #: default: identical vectors)
+    val_duplicates: Duplicates | None = None
     #: the record group of each validation pair (a video, a recording): a validation sample takes groups whole
     val_record_groups: Sequence[str] | None = None
     #: the store rows of the training pairs' items, ``(rows of a, rows of b)`` (figures pick pairs by them)
@@ -127,13 +129,13 @@ class PairSet:
             return self
         return PairSet(self.a, self.b, self.train_a.to(device), self.train_b.to(device),
                        None if self.val_a is None else self.val_a.to(device),
-                       None if self.val_b is None else self.val_b.to(device), self.val_labels, self.val_groups,
+                       None if self.val_b is None else self.val_b.to(device), self.val_labels, self.val_duplicates,
                        self.val_record_groups, self.train_rows, self.val_source)
 
     def validation(self, positions: np.ndarray | None = None) -> ValidationSet:
         """The validation pairs (those at ``positions``, default all) on the pair set's device."""
         if self.val_a is not None and self.val_b is not None:
-            full = ValidationSet(self.a, self.b, self.val_a, self.val_b, self.val_labels, self.val_groups)
+            full = ValidationSet(self.a, self.b, self.val_a, self.val_b, self.val_labels, self.val_duplicates)
             return full if positions is None else full.subset(positions)
         if self.val_source is None:
             empty = self.train_a.new_zeros((0, self.train_a.shape[1])), self.train_b.new_zeros((0, self.train_b.shape[1]))
@@ -143,7 +145,7 @@ class PairSet:
         return ValidationSet(self.a, self.b, vectors_on(lookup_a, rows_a[chosen], self.device),
                              vectors_on(lookup_b, rows_b[chosen], self.device),
                              None if self.val_labels is None else [self.val_labels[i] for i in chosen.tolist()],
-                             None if self.val_groups is None else self.val_groups[torch.as_tensor(chosen)])
+                             None if self.val_duplicates is None else self.val_duplicates[chosen])
 
     def validation_sample(self, size: int | None, seed: int) -> ValidationSet:
         """About ``size`` validation pairs drawn by record group (whole groups), fixed by ``seed``; all with ``None``."""
@@ -201,10 +203,10 @@ class AlignedPairs:
     def __len__(self) -> int:
         return len(self.records)
 
-    def duplicate_groups(self, a: str, b: str) -> torch.Tensor:
-        """Pairs that share a raw item (by content) on either side form one group (see
-        :func:`coembed.metrics.duplicate_groups`): an item counts once in retrieval."""
-        return duplicate_groups([content_identity(r.items[a]) for r in self.records],
+    def duplicates(self, a: str, b: str) -> Duplicates:
+        """The identical raw items (by content) of the pairs and their duplicate groups (see
+        :func:`coembed.metrics.find_duplicates`): an item counts once in retrieval."""
+        return find_duplicates([content_identity(r.items[a]) for r in self.records],
                                 [content_identity(r.items[b]) for r in self.records])
 
 
@@ -270,7 +272,7 @@ def evaluate(heads: nn.ModuleDict, sets: Sequence[ValidationSet], chunk_size: in
                 continue
             metrics.update(paired_retrieval(project_normalized(heads[v.a], v.vectors_a),
                                             project_normalized(heads[v.b], v.vectors_b), v.a, v.b, chunk_size,
-                                            labels=v.labels if class_level else None, groups=v.groups,
+                                            labels=v.labels if class_level else None, duplicates=v.duplicates,
                                             normalized=True, instance_level=instance_level))
     heads.train(was_training)
     if instance_level:
@@ -454,7 +456,7 @@ def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Modali
         pair = PairSet(a, b, vectors_on(ea.lookup, train.rows_a, device), vectors_on(eb.lookup, train.rows_b, device),
                        # interned labels and a numpy array of groups: nothing keeps the records' own strings alive
                        val_labels=[None if r.label is None else sys.intern(r.label) for r in val.records],
-                       val_groups=val.duplicate_groups(a, b),
+                       val_duplicates=val.duplicates(a, b),
                        val_record_groups=np.array([r.group for r in val.records], dtype=str),
                        train_rows=(np.asarray(train.rows_a, dtype=np.int64), np.asarray(train.rows_b, dtype=np.int64)),
                        val_source=(ea.lookup, eb.lookup, np.asarray(val.rows_a, dtype=np.int64),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from coembed.metrics import (TIE_TOLERANCE, chance_average_precision, chance_recall, duplicate_groups,
+from coembed.metrics import (TIE_TOLERANCE, chance_average_precision, chance_recall, find_duplicates,
                                 mean_recall_at_1, pair_ranks, paired_retrieval, rank_gallery, recall_metrics)
 
 
@@ -77,7 +77,7 @@ def test_duplicates_are_one_item_in_paired_retrieval():
     # clips 0 and 1 share one caption (identical text vectors); clip 2 has its own
     audio = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.05], [1.0, 0.05], [0.0, 1.0]])
-    groups = duplicate_groups(audio, text).tolist()
+    groups = find_duplicates(audio, text).group.tolist()
     assert groups[0] == groups[1] != groups[2]
     m = paired_retrieval(audio, text, "audio", "text")
     # audio 0 and 1 find the shared caption first; without grouping audio 1 would rank 2 (the tie)
@@ -85,18 +85,21 @@ def test_duplicates_are_one_item_in_paired_retrieval():
     assert m["audio->text/R@1"] == 1.0 and m["audio->text/mAP"] == pytest.approx(1.0)
     # the shared caption finds clip 0 first (its best), clip 1 second: AP (1 + 1) / 2 = 1
     assert m["text->audio/R@1"] == 1.0 and m["text->audio/mAP"] == pytest.approx(1.0)
-    # chance with groups of 2, 2, 1 among 3: R@1 = mean(2/3, 2/3, 1/3)
-    assert m["audio->text/chance/R@1"] == pytest.approx(5 / 9)
+    # the gallery holds the 2 distinct captions: chance R@1 = 1/2 for every clip
+    assert m["audio->text/chance/R@1"] == pytest.approx(1 / 2)
+    # the 2 distinct captions query 3 clips; the shared one has 2 relevant: mean(2/3, 1/3)
+    assert m["text->audio/chance/R@1"] == pytest.approx(1 / 2)
     assert m["audio->text/chance/R@5"] == 1.0
 
 
 def test_duplicate_groups_are_transitive():
     a = torch.tensor([[0.0], [0.0], [1.0], [2.0]])     # pairs 0 and 1 share their a side
     b = torch.tensor([[5.0], [6.0], [6.0], [7.0]])     # pairs 1 and 2 share their b side
-    groups = duplicate_groups(a, b).tolist()
+    groups = find_duplicates(a, b).group.tolist()
     assert groups[0] == groups[1] == groups[2] != groups[3]
-    keyed = duplicate_groups(["clip1", "clip1", "clip2", "clip3"], ["cap1", "cap2", "cap2", "cap3"]).tolist()
-    assert keyed == groups
+    keyed = find_duplicates(["clip1", "clip1", "clip2", "clip3"], ["cap1", "cap2", "cap2", "cap3"])
+    assert keyed.group.tolist() == groups
+    assert keyed.item_a.tolist() == [0, 0, 1, 2] and keyed.item_b.tolist() == [0, 1, 1, 2]
 
 
 def test_duplicates_by_content_when_vectors_differ_in_the_last_bits():
@@ -104,10 +107,10 @@ def test_duplicates_by_content_when_vectors_differ_in_the_last_bits():
     audio = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.05], [1.0, 0.05 + 1e-7], [0.0, 1.0]])
     by_vector = paired_retrieval(audio, text, "audio", "text")
-    groups = duplicate_groups(["a.wav", "b.wav", "c.wav"], ["a dog", "a dog", "rain"])
-    by_content = paired_retrieval(audio, text, "audio", "text", groups=groups)
+    duplicates = find_duplicates(["a.wav", "b.wav", "c.wav"], ["a dog", "a dog", "rain"])
+    by_content = paired_retrieval(audio, text, "audio", "text", duplicates=duplicates)
     assert by_vector["audio->text/R@1"] == pytest.approx(1 / 3)   # two captions tie: pessimistic ranks 2, 2, 1
-    assert by_content["audio->text/R@1"] == 1.0 and by_content["audio->text/chance/R@1"] == pytest.approx(5 / 9)
+    assert by_content["audio->text/R@1"] == 1.0 and by_content["audio->text/chance/R@1"] == pytest.approx(1 / 2)
 
 
 def test_class_level_retrieval_by_hand():
@@ -182,3 +185,73 @@ def test_mean_recall_at_1_reads_only_instance_recall():
     metrics = {"a->b/R@1": 0.2, "b->a/R@1": 0.4, "a->b/chance/R@1": 0.5, "a->b/class/R@1": 0.9, "mean_r1": 0.0}
     assert mean_recall_at_1(metrics) == pytest.approx(0.3)
     assert math.isnan(mean_recall_at_1({}))
+
+
+def test_a_gallery_of_repeated_captions_ranks_each_caption_once():
+    # six clips, two distinct captions ("seven" for clips 0-2, "two" for clips 3-5), each caption three times
+    seven, two = [1.0, 0.0], [0.0, 1.0]
+    text = torch.tensor([seven] * 3 + [two] * 3)
+    audio = torch.tensor([[1.0, 0.1], [0.2, 1.0], [1.0, 0.5], [0.1, 1.0], [1.0, 0.2], [0.3, 1.0]])
+    m = paired_retrieval(audio, text, "audio", "text")
+    # audio->text: the gallery is the 2 distinct captions; clips 1 and 4 are closer to the other caption
+    assert m["audio->text/R@1"] == pytest.approx(4 / 6)
+    assert m["audio->text/mrr"] == pytest.approx((4 + 2 * 0.5) / 6)        # 5/6, not 0.75 (copies ahead: rank 4)
+    assert m["audio->text/mAP"] == pytest.approx(5 / 6)
+    assert m["audio->text/median_rank"] == 1.0
+    assert m["audio->text/chance/R@1"] == pytest.approx(1 / 2)
+    assert m["audio->text/chance/mAP"] == pytest.approx(1.5 / 2)            # H_2 / 2
+    # text->audio: 2 distinct queries over 6 clips; "seven" scores s0 .995, t1 .981, s2 .894, t2 .287, s1 .196,
+    # t0 .0995 -> its clips at ranks 1, 3, 5; "two" is the mirror image
+    assert m["text->audio/R@1"] == 1.0
+    assert m["text->audio/mAP"] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert m["text->audio/chance/R@1"] == pytest.approx(3 / 6)
+
+
+def test_a_clip_with_several_captions_is_one_query_and_finds_any_of_them():
+    # clip A has two different captions, clip B one
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])           # "dog barks", "a dog", "rain"
+    audio = torch.tensor([[0.8, 0.6], [0.8, 0.6], [0.6, 0.8]])          # A, A, B
+    by_key = find_duplicates(["A.wav", "A.wav", "B.wav"], ["dog barks", "a dog", "rain"])
+    for duplicates in (None, by_key):
+        m = paired_retrieval(audio, text, "audio", "text", duplicates=duplicates)
+        # A scores "a dog" .96, "dog barks" .8, "rain" .6: both its captions first (AP 1);
+        # B scores "a dog" 1.0 before its "rain" .8: rank 2 (AP 1/2)
+        assert m["audio->text/R@1"] == pytest.approx(1 / 2)
+        assert m["audio->text/mAP"] == pytest.approx(3 / 4)
+        assert m["audio->text/chance/R@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+        # the gallery of text->audio is the 2 distinct clips: "a dog" scores B 1.0 before A .96
+        assert m["text->audio/R@1"] == pytest.approx(2 / 3)
+        assert m["text->audio/mrr"] == pytest.approx((1 + 1 / 2 + 1) / 3)
+        assert m["text->audio/chance/R@1"] == pytest.approx(1 / 2)
+
+
+def test_shared_captions_and_several_captions_at_once():
+    # pairs (A, dog), (A, bark), (B, dog), (C, rain), (D, rain): groups {A, B, dog, bark} and {C, D, rain}
+    vectors = {"A": [1.0, 0.2], "B": [0.1, 1.0], "C": [0.2, 1.0], "D": [0.9, 0.5],
+               "dog": [1.0, 0.0], "bark": [0.8, 0.6], "rain": [0.0, 1.0]}
+    clips, captions = ["A", "A", "B", "C", "D"], ["dog", "bark", "dog", "rain", "rain"]
+    audio = torch.tensor([vectors[c] for c in clips])
+    text = torch.tensor([vectors[c] for c in captions])
+    duplicates = find_duplicates(clips, captions)
+    assert duplicates.group.tolist()[:3] == [duplicates.group[0].item()] * 3 != duplicates.group.tolist()[3:]
+    for given in (None, duplicates):
+        m = paired_retrieval(audio, text, "audio", "text", duplicates=given)
+        # audio->text over 3 distinct captions: A finds dog, bark (ranks 1, 2); B: rain, bark, dog (2, 3);
+        # C: rain first; D: bark, dog, rain (3)
+        assert m["audio->text/R@1"] == pytest.approx(2 / 4)
+        assert m["audio->text/mrr"] == pytest.approx((1 + 1 / 2 + 1 + 1 / 3) / 4)
+        assert m["audio->text/mAP"] == pytest.approx((1 + (1 / 2 + 2 / 3) / 2 + 1 + 1 / 3) / 4)
+        assert m["audio->text/chance/R@1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3 + 1 / 3) / 4)
+        # text->audio over 4 distinct clips: dog A D C B (ranks 1, 4); bark D A C B (2, 4); rain B C D A (2, 3)
+        assert m["text->audio/R@1"] == pytest.approx(1 / 3)
+        assert m["text->audio/mAP"] == pytest.approx(((1 + 2 / 4) / 2 + (1 / 2 + 2 / 4) / 2 + (1 / 2 + 2 / 3) / 2) / 3)
+        assert m["text->audio/chance/R@1"] == pytest.approx(1 / 2)
+
+
+def test_class_level_retrieval_counts_identical_items_once():
+    # two clips share the caption "a dog"; class level ranks the 2 distinct captions, not 3 rows
+    audio = torch.tensor([[1.0, 0.1], [0.9, 0.3], [0.1, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    m = paired_retrieval(audio, text, "audio", "text", labels=["dog", "dog", "cat"])
+    assert m["audio->text/class/chance/R@1"] == pytest.approx(1 / 2)
+    assert m["text->audio/class/chance/R@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
