@@ -78,8 +78,10 @@ class DataConfig(BaseModel):
 
     source: str = "manifest"
     split: SplitConfig = Field(default_factory=SplitConfig)
-    max_bad_fraction: float = Field(default=0.5, ge=0.0, le=1.0,
-                                    description="fail the run when more than this share of items is bad")
+    max_bad_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="fail the run when more than this share of one modality's items, or of one pair type's "
+                    "candidate pairs, is bad")
     silent_audio: Literal["keep", "drop"] = Field(
         default="keep", description="silent audio is always flagged in bad_items.jsonl; keep it or skip it")
     silence_db: float = Field(default=DEFAULT_SILENCE_DB, lt=0.0,

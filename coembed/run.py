@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from coembed import layout
-from coembed.bad_items import check_bad_fraction, count_reasons
+from coembed.bad_items import check_bad_fraction, check_pair_fraction, count_reasons
 from coembed.config import Recipe
 from coembed.dataset import Dataset, load_dataset
 from coembed.errors import AdapterError, RecipeError, TooManyBadItems
@@ -171,9 +171,10 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     log.info("data: %d records (%d train, %d validation), %d bad", len(dataset.records), len(dataset.train),
              len(dataset.validation), len(dataset.bad))
     # fail before days of extraction when the source alone is already too bad (a lower bound of the final share)
-    write_jsonl(run_dir / layout.BAD_ITEMS, bad_item_rows(dataset, {}))
+    source_rows = bad_item_rows(dataset, {})
+    write_jsonl(run_dir / layout.BAD_ITEMS, source_rows)
     release_freed_memory()
-    check_bad_fraction(len(dataset.bad), len(dataset.bad) + len(dataset.records) * len(recipe.trained_modalities()),
+    check_bad_fraction(source_rows, {m: sum(m in r.items for r in dataset.records) for m in recipe.trained_modalities()},
                        recipe.data.max_bad_fraction)
 
     # 3. extraction
@@ -184,11 +185,16 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     bad_rows = bad_item_rows(dataset, embedded)
     flagged_rows = [row for e in embedded.values() for row in e.flagged_rows()]
     write_jsonl(run_dir / layout.BAD_ITEMS, bad_rows + flagged_rows)
-    n_items = len(dataset.bad) + sum(e.stats.items for e in embedded.values())
-    check_bad_fraction(len(bad_rows), n_items, recipe.data.max_bad_fraction)
+    check_bad_fraction(bad_rows, {m: e.stats.items - e.stats.bad for m, e in embedded.items()},
+                       recipe.data.max_bad_fraction)
 
     # 4. training
     pairs = build_pair_sets(recipe, dataset, embedded)
+    for p in pairs:
+        candidates = sum(p.a in r.items and p.b in r.items for r in dataset.records)
+        lost_records = sum(b.modality is None for b in dataset.bad)
+        check_pair_fraction(bad_rows, (p.a, p.b), candidates + lost_records, p.n_train + p.n_val,
+                            recipe.data.max_bad_fraction)
     pair_counts = {p.name: {"train": p.n_train, "validation": p.n_val} for p in pairs}
     record_counts = {"records": len(dataset.records), "train_records": len(dataset.train),
                      "validation_records": len(dataset.validation)}

@@ -162,7 +162,7 @@ def run_zero_shot(model: CoEmbedder, config: ZeroShotConfig, *, extraction: Extr
              config.modality, len(held) - len(labelled), len(read.bad))
     items = embed_records(model, evaluation, config.modality, labelled, progress)
     bad = [b.row() for b in read.bad] + items.bad
-    check_bad_fraction(len(bad), len(labelled) + len(read.bad), config.data.max_bad_fraction)
+    check_bad_fraction(bad, {config.modality: len(items.ids)}, config.data.max_bad_fraction)
     if len(items.ids) == 0:
         raise ValueError(f"zero-shot {name}: no usable labelled {config.modality} items in {config.data.source} data")
     targets, classes = encode_labels([str(x) for x in items.labels])

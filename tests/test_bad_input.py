@@ -97,7 +97,8 @@ def test_every_bad_video_is_reported_and_every_good_one_kept(tmp_path, toys, cap
 def test_too_many_bad_videos_fail_the_run_early_with_a_clear_message(tmp_path, toys):
     _messy_video_folder(tmp_path / "v")
     recipe = toy_recipe(tmp_path, {"source": "video_folder", "path": "v", "max_bad_fraction": 0.2})
-    with pytest.raises(TooManyBadItems, match=r"8 of 18 items are bad .* data.max_bad_fraction=0.2"):
+    with pytest.raises(TooManyBadItems, match=r"modality image: 7 of 12 items are bad \(58%\), above the limit "
+                       r"data.max_bad_fraction=0.2; most common reasons: not a readable media file \(2\), "):
         train_recipe(recipe, run_dir=tmp_path / "run", progress=False)
     assert len(_bad_items(tmp_path / "run")) == 8          # the reasons are written before failing
     assert not (tmp_path / "cache" / "image-toy").exists()  # and nothing was encoded
@@ -222,3 +223,18 @@ def test_a_cover_image_is_not_the_video_and_a_folder_is_not_a_file(tmp_path):
         stat_file(tmp_path / "nothing" / "here.wav")
     with pytest.raises(BadItem, match="missing file"):
         load_audio(str(write_wav(tmp_path / "a.wav")) + "/below", 16000)  # a file used as a folder
+
+
+def test_a_run_whose_one_modality_is_almost_all_bad_stops(tmp_path, toys):
+    # every image is good, 10 of 12 clips are empty: 10 of 24 items (42 %), but 83 % of the audio
+    media = tmp_path / "m"
+    write_png(media / "rgb.png")
+    write_wav(media / "ok.wav")
+    (media / "empty.wav").write_bytes(b"")
+    lines = ["id,image,audio"] + [f"r{i},rgb.png,{'ok.wav' if i < 2 else 'empty.wav'}" for i in range(12)]
+    (media / "manifest.csv").write_text("\n".join(lines) + "\n")
+    recipe = toy_recipe(tmp_path, {"source": "manifest", "path": "m/manifest.csv", "max_bad_fraction": 0.5})
+    with pytest.raises(TooManyBadItems, match=r"modality audio: 10 of 12 items are bad \(83%\), above the limit "
+                                              r"data.max_bad_fraction=0.5; most common reasons: zero-byte file \(10\)"):
+        train_recipe(recipe, run_dir=tmp_path / "run", progress=False)
+    assert len(_bad_items(tmp_path / "run")) == 10

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from coembed.bad_items import check_bad_fraction
+from coembed.bad_items import bad_row, check_bad_fraction, check_pair_fraction, flagged_row
+from coembed.errors import TooManyBadItems
 from coembed.dataset import split_by_group
 from coembed.sources import BadRecord, Record
 from coembed.sources.generated import generate_media
@@ -82,11 +83,35 @@ def test_generated_media_are_real_files(tmp_path):
     assert again.name == "manifest.csv"
 
 
-def test_bad_fraction_threshold():
-    check_bad_fraction(5, 10, 0.5)
-    with pytest.raises(RuntimeError, match="6 of 10 items are bad"):
-        check_bad_fraction(6, 10, 0.5)
-    check_bad_fraction(0, 0, 0.0)
+def test_bad_fraction_is_checked_per_modality():
+    short = [bad_row(f"clip{i}.wav", "audio", "audio too short for VGGish (0.42 s)") for i in range(2960)]
+    broken = [bad_row(f"clip{i}.wav", "audio", "not a readable media file") for i in range(2960, 2975)]
+    # 2,975 of 3,000 clips refused beside 3,000 good captions: 49.6 % of all items, 99 % of the audio
+    with pytest.raises(TooManyBadItems, match=r"modality audio: 2,975 of 3,000 items are bad \(99%\), above the limit "
+                                              r"data.max_bad_fraction=0.5; most common reasons: audio too short "
+                                              r"for VGGish \(2,960\), not a readable media file \(15\)"):
+        check_bad_fraction(short + broken, {"audio": 25, "text": 3000}, 0.5)
+    check_bad_fraction(short[:5], {"audio": 5, "text": 10}, 0.5)               # exactly at the limit: fine
+    with pytest.raises(TooManyBadItems, match="modality audio: 6 of 11"):
+        check_bad_fraction(short[:6], {"audio": 5, "text": 10}, 0.5)
+    check_bad_fraction([], {"audio": 0}, 0.0)
+    # an input that became no record counts against every modality; flagged items are kept, not bad
+    lost = [bad_row("row7", None, "zero-byte file")]
+    with pytest.raises(TooManyBadItems, match="modality text: 1 of 2 items"):
+        check_bad_fraction(lost, {"text": 1}, 0.4)
+    check_bad_fraction([flagged_row("a.wav", "audio", "silent audio (kept)")] * 9, {"audio": 10}, 0.1)
+
+
+def test_bad_fraction_is_checked_per_pair_type():
+    # 40 % of the audio and 40 % of the images bad, on different records: each modality passes, 80 % of pairs lost
+    rows = [bad_row(f"r{i}", "audio", "audio too short") for i in range(4)]
+    rows += [bad_row(f"r{i}", "image", "truncated file") for i in range(4, 8)]
+    check_bad_fraction(rows, {"audio": 6, "image": 6}, 0.5)
+    with pytest.raises(TooManyBadItems, match=r"pair type image-audio: 8 of 10 candidate pairs were lost to bad items "
+                                              r"\(80%\), above the limit data.max_bad_fraction=0.5; most common "
+                                              r"reasons: audio too short \(4\), truncated file \(4\)"):
+        check_pair_fraction(rows, ("image", "audio"), n_candidates=10, n_pairs=2, limit=0.5)
+    check_pair_fraction(rows, ("image", "audio"), n_candidates=10, n_pairs=5, limit=0.5)
 
 
 def test_a_numeric_id_or_group_is_text_and_a_blank_label_is_none(tmp_path):
