@@ -17,7 +17,7 @@ from __future__ import annotations
 from coembed.config import Recipe
 from coembed.errors import (AdapterError, BadItem, CoembedError, ModelLoadError, RecipeError,
                             WeightsUnavailable)
-from coembed.model import CoEmbedder
+from coembed.model import CoEmbedder, UsableEmbeddings
 from coembed.recipe import load_recipe
 from coembed.registry import Adapter, AdapterOptions, available_adapters, create_adapter
 from coembed.run import train_recipe
@@ -33,6 +33,7 @@ __all__ = [
     "ModelLoadError",
     "Recipe",
     "RecipeError",
+    "UsableEmbeddings",
     "WeightsUnavailable",
     "__version__",
     "available_adapters",

@@ -244,8 +244,13 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"recipe file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        what = "; ".join(p for p in (exc.context, exc.problem) if p)
+        raise RecipeError(f"{where}: not valid YAML: {what}" + (f"\n{mark.get_snippet()}" if mark else "")) from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     return data

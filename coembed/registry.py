@@ -211,20 +211,38 @@ class Adapter(ABC):
     def encode_items(self, items: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
         """Convenience: ``load`` + ``collate`` + ``encode`` over raw items, in batches.
 
-        An unusable item raises :class:`BadItem` whose message starts with its index.
+        An unusable item raises :class:`BadItem` whose message starts with its index (``"item 3: ..."``).
         """
-        outs = []
-        for start in range(0, len(items), batch_size):
-            chunk = []
-            for index in range(start, min(start + batch_size, len(items))):
-                try:
-                    chunk.append(self.load(items[index]))
-                except BadItem as exc:
-                    raise type(exc)(f"item {index}: {exc}") from exc
+        vectors, _, bad = self.encode_usable_items(items, batch_size, stop_at_bad=True)
+        if bad:
+            ((index, (reason, kind)),) = bad.items()
+            raise kind(f"item {index}: {reason}")
+        return vectors
+
+    def encode_usable_items(self, items: Sequence[Any], batch_size: int = 32, stop_at_bad: bool = False,
+                            ) -> tuple[torch.Tensor, list[int], dict[int, tuple[str, type[BadItem]]]]:
+        """``load`` + ``collate`` + ``encode`` over the usable items: their vectors, their indexes in
+        ``items``, and ``{index: (reason, BadItem class)}`` of the unusable ones (only the first with
+        ``stop_at_bad``)."""
+        outs: list[torch.Tensor] = []
+        good: list[int] = []
+        bad: dict[int, tuple[str, type[BadItem]]] = {}
+        chunk: list[Any] = []
+        for index, item in enumerate(items):
+            try:
+                chunk.append(self.load(item))
+                good.append(index)
+            except BadItem as exc:
+                bad[index] = (str(exc), type(exc))
+                if stop_at_bad:
+                    break
+            if len(chunk) == batch_size:
+                outs.append(self.encode(self.collate(chunk)))
+                chunk = []
+        if chunk and not (stop_at_bad and bad):
             outs.append(self.encode(self.collate(chunk)))
-        if not outs:
-            return torch.empty(0, self.dim)
-        return torch.cat(outs)
+        vectors = torch.cat(outs) if outs else torch.empty(0, self.dim)
+        return vectors, good, bad
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config()})"

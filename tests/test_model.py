@@ -187,7 +187,7 @@ def test_embed_explains_misuse(toy_model: CoEmbedder, shared_real_model: CoEmbed
         toy_model.embed(image=["x.png"])
     with pytest.raises(ValueError, match="sample_rate applies to audio"):
         toy_model.embed(other=VECTORS, sample_rate=16000)
-    with pytest.raises(BadItem, match="item 1: expected 4 values"):
+    with pytest.raises(BadItem, match="^item 1: expected 4 values"):
         toy_model.embed(other=[VECTORS[0], np.zeros(3)])
     with pytest.raises(ValueError, match="audio item 1 is an array without a sample rate"):
         shared_real_model.embed(audio=[(np.zeros(16000, np.float32), 16000), np.zeros(16000, np.float32)])
@@ -405,3 +405,17 @@ def test_cli_encode_refuses_before_loading(tmp_path: Path) -> None:
         refused = CliRunner().invoke(main, ["encode", str(tmp_path), "--text", "a", "--adapter-option", malformed])
         assert refused.exit_code == 2 and "--adapter-option takes MODALITY.OPTION=VALUE" in refused.output
 
+
+
+def test_embed_can_skip_unusable_items_and_name_them(toy_model: CoEmbedder) -> None:
+    items = [VECTORS[0], np.zeros(3), VECTORS[1], np.ones(5), VECTORS[0] * 2]
+    with pytest.raises(BadItem, match="^item 1: expected 4 values"):
+        toy_model.embed(other=items, batch_size=2)
+    usable = toy_model.embed(other=items, skip_bad=True, batch_size=2)
+    assert usable.indexes == [0, 2, 4] and sorted(usable.bad) == [1, 3]
+    assert usable.bad[1].startswith("expected 4 values")
+    assert torch.allclose(usable.vectors, toy_model.embed(other=[VECTORS[0], VECTORS[1], VECTORS[0] * 2]))
+    as_array = toy_model.embed(other=items, skip_bad=True, as_numpy=True)
+    assert isinstance(as_array.vectors, np.ndarray) and as_array.vectors.shape == (3, toy_model.output_dim)
+    nothing = toy_model.embed(other=[np.zeros(3)], skip_bad=True)
+    assert nothing.indexes == [] and list(nothing.bad) == [0] and nothing.vectors.shape == (0, toy_model.output_dim)

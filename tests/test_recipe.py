@@ -76,3 +76,17 @@ def test_pairs_must_name_known_distinct_modalities():
 def test_select_metric_takes_any_value_an_epoch_records():
     for metric in ("mean_r1", "loss", "image->audio/median_rank", "audio->image/mAP", "audio->image/chance/R@5"):
         assert load_recipe(RECIPES / "quickstart.yaml", [f"train.select_metric={metric}"]).train.select_metric == metric
+
+
+def test_broken_yaml_names_the_file_and_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("name: demo\ndata:\n  source: manifest\n  path: [data/manifest.csv\ntrain:\n  epochs: 3\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    message = str(caught.value)
+    assert f"{recipe}, line 5, column 6: not valid YAML: while parsing a flow sequence" in message
+    assert "<unicode string>" not in message
+    tabbed = tmp_path / "tabbed.yaml"
+    tabbed.write_text("name: demo\ntrain:\n\tepochs: 3\n")
+    with pytest.raises(RecipeError, match=r"tabbed.yaml, line 3, column 1: not valid YAML"):
+        load_recipe(tabbed)

@@ -9,8 +9,8 @@
 """
 
 from coembed.errors import ModelLoadError
-from coembed.model.embedder import CoEmbedder, Item, Items
+from coembed.model.embedder import CoEmbedder, Item, Items, UsableEmbeddings
 from coembed.model.folder import FORMAT_VERSION, NAMED_MODALITIES, ModalitySpec, ModelConfig, read_config
 
 __all__ = ["FORMAT_VERSION", "NAMED_MODALITIES", "CoEmbedder", "Item", "Items",
-           "ModalitySpec", "ModelConfig", "ModelLoadError", "read_config"]
+           "ModalitySpec", "ModelConfig", "ModelLoadError", "UsableEmbeddings", "read_config"]

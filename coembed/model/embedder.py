@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
@@ -46,6 +47,20 @@ Item: TypeAlias = "str | os.PathLike[str] | bytes | Image | np.ndarray | torch.T
 sample rate), an ``(array, sample_rate)`` pair, or a string (text)."""
 Items: TypeAlias = "Item | list[Item] | tuple[Item, ...]"
 """One item, or a list of items (which may mix kinds)."""
+
+
+@dataclass
+class UsableEmbeddings:
+    """What :meth:`CoEmbedder.embed` returns with ``skip_bad=True``: the usable items' vectors, their
+    indexes in the input (``vectors[j]`` is ``items[indexes[j]]``), and ``{index: reason}`` of the others."""
+
+    vectors: torch.Tensor | np.ndarray
+    indexes: list[int]
+    bad: dict[int, str]
+
+    def as_numpy(self) -> UsableEmbeddings:
+        vectors = self.vectors.numpy() if isinstance(self.vectors, torch.Tensor) else self.vectors
+        return UsableEmbeddings(vectors, self.indexes, self.bad)
 
 
 class CoEmbedder(nn.Module):
@@ -128,19 +143,31 @@ class CoEmbedder(nn.Module):
         adapter = self.adapter(modality)
         return self.project(modality, adapter.encode_items(list(items), batch_size=batch_size), normalize).cpu()
 
-    @overload
-    def embed(self, *, image: Items | None = None, audio: Items | None = None, text: str | Sequence[str] | None = None,
-              sample_rate: int | None = None, batch_size: int = 32, normalize: bool = True,
-              as_numpy: Literal[False] = False, **inputs: Items) -> torch.Tensor: ...
+    def embed_usable_items(self, modality: str, items: Sequence[Any], *, batch_size: int = 32,
+                           normalize: bool = True) -> UsableEmbeddings:
+        """Like :meth:`embed_items`, but an unusable item is skipped and reported instead of raised."""
+        vectors, indexes, bad = self.adapter(modality).encode_usable_items(list(items), batch_size=batch_size)
+        return UsableEmbeddings(self.project(modality, vectors, normalize).cpu(), indexes,
+                                {i: reason for i, (reason, _) in bad.items()})
 
     @overload
     def embed(self, *, image: Items | None = None, audio: Items | None = None, text: str | Sequence[str] | None = None,
               sample_rate: int | None = None, batch_size: int = 32, normalize: bool = True,
-              as_numpy: Literal[True], **inputs: Items) -> np.ndarray: ...
+              as_numpy: Literal[False] = False, skip_bad: Literal[False] = False, **inputs: Items) -> torch.Tensor: ...
+
+    @overload
+    def embed(self, *, image: Items | None = None, audio: Items | None = None, text: str | Sequence[str] | None = None,
+              sample_rate: int | None = None, batch_size: int = 32, normalize: bool = True,
+              as_numpy: Literal[True], skip_bad: Literal[False] = False, **inputs: Items) -> np.ndarray: ...
+
+    @overload
+    def embed(self, *, image: Items | None = None, audio: Items | None = None, text: str | Sequence[str] | None = None,
+              sample_rate: int | None = None, batch_size: int = 32, normalize: bool = True, as_numpy: bool = False,
+              skip_bad: Literal[True], **inputs: Items) -> UsableEmbeddings: ...
 
     def embed(self, *, image: Items | None = None, audio: Items | None = None, text: str | Sequence[str] | None = None,
               sample_rate: int | None = None, batch_size: int = 32, normalize: bool = True, as_numpy: bool = False,
-              **inputs: Items) -> torch.Tensor | np.ndarray:
+              skip_bad: bool = False, **inputs: Items) -> torch.Tensor | np.ndarray | UsableEmbeddings:
         """Embed the inputs of one modality into the shared space.
 
         Pass exactly one modality per call, by its name in this model
@@ -163,14 +190,19 @@ class CoEmbedder(nn.Module):
             batch_size: items encoded at once.
             normalize: L2-normalise the vectors (cosine geometry of the shared space).
             as_numpy: return a float32 numpy array instead of a torch tensor.
+            skip_bad: skip the items that cannot be used instead of raising, and
+                return a :class:`UsableEmbeddings`: the vectors of the usable
+                items, their indexes in the input and the reason for each other one.
 
         Returns:
-            ``[n, output_dim]`` float32 vectors on the CPU, without gradients.
+            ``[n, output_dim]`` float32 vectors on the CPU, without gradients
+            (with ``skip_bad``, a :class:`UsableEmbeddings` holding them).
 
         Raises:
             ValueError: no or several modalities, an unknown one, or an audio
                 array without a sample rate.
-            coembed.BadItem: an item cannot be read; the message gives its index.
+            coembed.BadItem: an item cannot be used (without ``skip_bad``); the
+                message names its index and the reason, ``"item 3: audio too short ..."``.
         """
         given = {m: v for m, v in {"image": image, "audio": audio, "text": text, **inputs}.items() if v is not None}
         if len(given) != 1:
@@ -185,6 +217,9 @@ class CoEmbedder(nn.Module):
             items = [_audio_item(x, sample_rate, i) for i, x in enumerate(items)]
         elif sample_rate is not None:
             raise ValueError(f"sample_rate applies to audio; {modality!r} is {self.specs[modality].kind}")
+        if skip_bad:
+            usable = self.embed_usable_items(modality, items, batch_size=batch_size, normalize=normalize)
+            return usable.as_numpy() if as_numpy else usable
         vectors = self.embed_items(modality, items, batch_size=batch_size, normalize=normalize)
         return vectors.numpy() if as_numpy else vectors
 
