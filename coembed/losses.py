@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,3 +99,70 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
     return SymmetricInfoNCE.apply(a, b, logit_scale.float(), workspace)
+
+
+# ---------------------------------------------------------------------------------------
+# one batch spread over several processes
+# ---------------------------------------------------------------------------------------
+
+
+class ShardedSymmetricInfoNCE(torch.autograd.Function):
+    """One process's share of :class:`SymmetricInfoNCE` over a global batch spread across processes.
+
+    The process holds rows ``offset .. offset + n`` of the global batch (``a``, ``b``) and the whole batch
+    gathered (``all_a``, ``all_b``, ``N`` rows). It computes the row terms of its ``a`` against every ``b``
+    and the column terms of its ``b`` against every ``a``, each divided by ``N``: the shares of all processes
+    add up to the loss of one process over the whole batch, and so do their gradients (the gathered inputs'
+    gradients go back to the process that owns the rows; see :meth:`coembed.distributed.World.gather_rows`).
+    Two ``[n, N]`` buffers are the only large tensors (at ``n = N / 2`` as large as the one buffer of the
+    single-process loss). With one process (``all_a is a``) it is :class:`SymmetricInfoNCE`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, all_a: torch.Tensor, all_b: torch.Tensor,
+                scale: torch.Tensor, offset: int) -> torch.Tensor:
+        total = all_a.shape[0]
+        rows = torch.mm(a, all_b.T).mul_(scale)  # the process's rows of the global logits
+        cols = torch.mm(b, all_a.T).mul_(scale)  # the process's columns of the global logits, transposed
+        row = torch.cat([torch.logsumexp(rows[i:i + _CHUNK], dim=1) for i in range(0, rows.shape[0], _CHUNK)])
+        col = torch.cat([torch.logsumexp(cols[i:i + _CHUNK], dim=1) for i in range(0, cols.shape[0], _CHUNK)])
+        diag = (a * b).sum(dim=1) * scale
+        loss = 0.5 * ((row - diag).sum() + (col - diag).sum()) / max(total, 1)
+        ctx.offset = offset
+        ctx.save_for_backward(a, b, all_a, all_b, scale, rows, cols, row, col)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, b, all_a, all_b, scale, rows, cols, row, col = ctx.saved_tensors
+        n, total = rows.shape
+        for logits, lse in ((rows, row), (cols, col)):  # each becomes its softmax less 1 at the positives, in place
+            for i in range(0, n, _CHUNK):
+                logits[i:i + _CHUNK].sub_(lse[i:i + _CHUNK, None]).exp_()
+            logits[:, ctx.offset:ctx.offset + n].diagonal().sub_(1.0)
+            logits.mul_(grad * (0.5 / max(total, 1)))
+        g_rows_b = torch.mm(rows, all_b)  # d loss / d (a @ all_b.T), times all_b
+        g_cols_a = torch.mm(cols, all_a)
+        grad_a = g_rows_b * scale
+        grad_b = g_cols_a * scale
+        grad_all_b = torch.mm(rows.T, a) * scale
+        grad_all_a = torch.mm(cols.T, b) * scale
+        grad_scale = ((g_rows_b * a).sum() + (g_cols_a * b).sum()).reshape(scale.shape)
+        return grad_a, grad_b, grad_all_a, grad_all_b, grad_scale, None
+
+
+def info_nce_gathered(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                      gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """This process's share of the symmetric InfoNCE of a batch spread over processes (:func:`info_nce` of the
+    whole batch is the sum of the shares).
+
+    ``a`` and ``b`` are this process's rows; ``gather(x)`` returns every process's rows of ``x`` in one order,
+    the same on each, with gradients, and where this process's rows start in it
+    (:meth:`coembed.distributed.World.gather_rows`). Inputs are L2-normalised here, the loss is float32.
+    """
+    a = F.normalize(a.float(), dim=-1)
+    b = F.normalize(b.float(), dim=-1)
+    all_a, offset = gather(a)
+    all_b, _ = gather(b)
+    return ShardedSymmetricInfoNCE.apply(a, b, all_a, all_b, logit_scale.float(), offset)
