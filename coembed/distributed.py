@@ -86,8 +86,8 @@ class World:
     def sum_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Sum the gradients of ``parameters`` over the processes, in one flat all-reduce.
 
-        Each process's loss is its share of the global loss (:func:`coembed.losses.info_nce_gathered`), so the
-        sum is the gradient of the global loss; every process then holds it and takes the same optimizer step.
+        Each process's gradient is the global loss's through its own block of the batch
+        (:class:`coembed.losses.ShardedSymmetricInfoNCE`), so the sum is the gradient of the global loss; every process then holds it and takes the same optimizer step.
         """
         if not self.distributed:
             return
@@ -108,6 +108,14 @@ class World:
         out = value.detach().clone()
         dist.all_reduce(out)
         return out
+
+    def logsumexp(self, values: torch.Tensor) -> torch.Tensor:
+        """The log-sum-exp over the processes of each element of ``values`` (the same shape on each)."""
+        if not self.distributed:
+            return values
+        parts = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(parts, values.contiguous())
+        return torch.logsumexp(torch.stack(parts), dim=0)
 
     def gather_rows(self, rows: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, int]:
         """Every process's ``rows`` stacked in rank order, gradients flowing back to each process's own

@@ -378,7 +378,8 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     za, zb = self.heads[p.a](p.train_a[idx]), self.heads[p.b](p.train_b[idx])
                 if self.world.distributed:  # this process's share of the global batch's loss
-                    loss = loss + info_nce_gathered(za, zb, scale, lambda x: self.world.gather_rows(x, counts))
+                    loss = loss + info_nce_gathered(za, zb, scale, lambda x: self.world.gather_rows(x, counts),
+                                                    self.world.logsumexp)
                 else:
                     loss = loss + info_nce(za, zb, scale, self._workspaces[k])  # float32, outside autocast
                 del za, zb  # held by the graph alone, freed with it

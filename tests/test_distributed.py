@@ -41,16 +41,22 @@ def test_the_shares_of_the_gathered_loss_add_up_to_the_loss_and_gradients_of_one
         loss = loss_of(*leaves)
         return loss.detach(), torch.autograd.grad(loss, leaves)
 
-    def shares(x, y, s):  # three processes holding rows 0-3, 4-8, 9-10; "gathering" concatenates everyone's rows
+    def shares(x, y, s):  # three processes holding rows 0-3, 4-8, 9-10
+        xn, yn = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        logits = (s * xn @ yn.T).detach()
+        blocks = ((0, 4), (4, 9), (9, 11))
+        partials = torch.stack([torch.logsumexp(logits[lo:hi], dim=0) for lo, hi in blocks])
         total = torch.zeros(())
-        for lo, hi in ((0, 4), (4, 9), (9, 11)):
-            others = iter([F.normalize(x, dim=-1), F.normalize(y, dim=-1)])
+        for k, (lo, hi) in enumerate(blocks):
+            # "gathering" concatenates everyone's rows; every share's gradient reaches the rows of the others
+            # too, as the gather's backward sends it
+            def gather(rows, lo=lo, hi=hi):
+                return torch.cat([yn[:lo], rows, yn[hi:]]), lo
 
-            def gather(rows, lo=lo, hi=hi, others=others):
-                full = next(others)
-                return torch.cat([full[:lo], rows, full[hi:]]), lo
-            # every share's gradient reaches the rows of the others too, as the gather's backward sends it
-            total = total + info_nce_gathered(x[lo:hi], y[lo:hi], s, gather)
+            def across(mine, k=k):
+                return torch.logsumexp(torch.cat([partials[:k], mine[None], partials[k + 1:]]), dim=0)
+
+            total = total + info_nce_gathered(x[lo:hi], y[lo:hi], s, gather, across)
         return total
 
     one, one_grads = grads(info_nce)
