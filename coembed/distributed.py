@@ -167,7 +167,8 @@ def leave(world: World) -> None:
 class ShardBatches:
     """One epoch of one pair type, cut into global batches, as seen by one process."""
 
-    #: positions in this process's shard of the pairs it takes, batch after batch
+    #: positions in this process's shard of the pairs it takes, batch after batch (on the CPU, or moved to the
+    #: training device)
     local: torch.Tensor
     #: where each batch's part starts in ``local`` (one more entry than batches: the end)
     starts: list[int]

@@ -357,24 +357,22 @@ class Trainer:
             n = p.n_train_total
             b = min(bs, n)
             batches = shard_batches(torch.randperm(n, generator=generator), b, self.world)
-            local = batches.local
-            local = local.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else local
-            plans.append((p, local, batches, b, len(batches)))
+            if self.device.type == "cuda":
+                batches.local = batches.local.pin_memory().to(self.device, non_blocking=True)
+            plans.append((p, batches, b, len(batches)))
         steps = max(s for *_, s in plans)
         if len(self._workspaces) != len(plans) and not self.world.distributed:
             # one logits buffer per pair type, reused by every step
-            self._workspaces = [torch.empty(b * b, device=self.device) for _, _, _, b, _ in plans]
+            self._workspaces = [torch.empty(b * b, device=self.device) for _, _, b, _ in plans]
         total = torch.zeros((), device=self.device)  # summed on the device: no host synchronisation per step
         count = 0
         for step in range(steps):
             loss = torch.zeros((), device=self.device)
             scale = self.temperature()
-            for k, (p, local, batches, b, n_steps) in enumerate(plans):
-                start, end = batches.starts[step % n_steps], batches.starts[step % n_steps + 1]
-                counts = batches.counts[step % n_steps]  # this batch's pairs on every process
+            for k, (p, batches, _, n_steps) in enumerate(plans):
+                idx, counts = batches.batch(step % n_steps)  # counts: this batch's pairs on every process
                 if sum(counts) < 2:
                     continue
-                idx = local[start:end]
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     za, zb = self.heads[p.a](p.train_a[idx]), self.heads[p.b](p.train_b[idx])
                 if self.world.distributed:  # this process's share of the global batch's loss
