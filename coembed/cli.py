@@ -96,6 +96,8 @@ def train(recipe: Path, overrides: tuple[str, ...], run_dir: Path | None, no_pro
         result = train_recipe(parsed, run_dir=run_dir, progress=not no_progress)
     except (RecipeError, AdapterError, TooManyBadItems, TooFewPairs) as exc:
         _fail(str(exc))
+    if result is None:  # under torchrun, a process other than 0: process 0 reports the run
+        return
     click.echo(f"best epoch {result.metrics['best_epoch']}: {headline(result.metrics['validation'])}")
     click.echo(f"run folder: {result.run_dir}")
 

@@ -113,7 +113,8 @@ class TemperatureConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(default=300, gt=0)
-    batch_size: int = Field(default=4096, gt=1)
+    batch_size: int = Field(default=4096, gt=1, description="pairs per contrastive batch; under torchrun the global "
+                                                           "batch, spread over the processes (docs/scale.md)")
     lr: float = Field(default=1e-4, gt=0.0)
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = Field(default=0.0, ge=0.0)

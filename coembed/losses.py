@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,3 +99,74 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
     return SymmetricInfoNCE.apply(a, b, logit_scale.float(), workspace)
+
+
+# ---------------------------------------------------------------------------------------
+# one batch spread over several processes
+# ---------------------------------------------------------------------------------------
+
+
+class ShardedSymmetricInfoNCE(torch.autograd.Function):
+    """One process's block of rows of :class:`SymmetricInfoNCE` over a global batch spread across processes.
+
+    The process holds rows ``offset .. offset + n`` of the global batch's ``a`` and the whole batch's ``b``
+    gathered (``all_b``, ``N`` rows): its block of the logits is ``scale * a @ all_b.T`` (``[n, N]``, the one
+    large tensor: ``1 / world_size`` of the single-process buffer, and as much of the work). The row
+    log-sum-exps are the block's own; the column log-sum-exps are combined across processes
+    (``logsumexp_across``: every process's ``[N]`` partial values in, the global ones out). The loss returned is
+    the process's share (its rows' terms and its columns' terms, each divided by ``N``): the shares add up to
+    the single-process loss. The backward pass returns the gradient of that whole loss through this block, so
+    the gradients of all processes add up to the single-process ones too (``all_b``'s go back to the process
+    owning the rows, see :meth:`coembed.distributed.World.gather_rows`; the temperature's are summed with the
+    heads'). With one process (``all_b is b``, no combining) it is :class:`SymmetricInfoNCE`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, all_b: torch.Tensor, scale: torch.Tensor, offset: int,
+                logsumexp_across: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        n, total = a.shape[0], all_b.shape[0]
+        logits = torch.mm(a, all_b.T).mul_(scale)
+        row = torch.cat([torch.logsumexp(logits[i:i + _CHUNK], dim=1) for i in range(0, n, _CHUNK)]) \
+            if n else logits.new_zeros(0)
+        col = logsumexp_across(torch.cat([torch.logsumexp(logits[:, j:j + _CHUNK], dim=0)
+                                          for j in range(0, total, _CHUNK)]))
+        diag = logits[:, offset:offset + n].diagonal()
+        loss = 0.5 * ((row - diag).sum() + (col[offset:offset + n] - diag).sum()) / total
+        ctx.offset = offset
+        ctx.save_for_backward(a, all_b, scale, logits, row, col)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, all_b, scale, logits, row, col = ctx.saved_tensors
+        n, total = logits.shape
+        g = logits  # becomes d loss / d logits of this block, in place
+        for i in range(0, n, _CHUNK):
+            block = g[i:i + _CHUNK]
+            column_softmax = (block - col[None, :]).exp_()
+            block.sub_(row[i:i + _CHUNK, None]).exp_().add_(column_softmax)
+        g[:, ctx.offset:ctx.offset + n].diagonal().sub_(2.0)
+        g.mul_(grad * (0.5 / total))
+        g_b = torch.mm(g, all_b)
+        grad_a = g_b * scale if ctx.needs_input_grad[0] else None
+        grad_all_b = torch.mm(g.T, a) * scale if ctx.needs_input_grad[1] else None
+        grad_scale = (g_b * a).sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
+        return grad_a, grad_all_b, grad_scale, None, None
+
+
+def info_nce_gathered(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                      gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
+                      logsumexp_across: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """This process's share of the symmetric InfoNCE of a batch spread over processes
+    (:class:`ShardedSymmetricInfoNCE`; :func:`info_nce` of the whole batch is the sum of the shares).
+
+    ``a`` and ``b`` are this process's rows; ``gather(x)`` returns every process's rows of ``x`` in one order,
+    the same on each, with gradients, and where this process's rows start in it
+    (:meth:`coembed.distributed.World.gather_rows`); ``logsumexp_across`` combines log-sum-exps over the
+    processes (:meth:`coembed.distributed.World.logsumexp`). Inputs are L2-normalised here, the loss is float32.
+    """
+    a = F.normalize(a.float(), dim=-1)
+    b = F.normalize(b.float(), dim=-1)
+    all_b, offset = gather(b)
+    return ShardedSymmetricInfoNCE.apply(a, all_b, logit_scale.float(), offset, logsumexp_across)

@@ -11,6 +11,10 @@ The stages, in order:
 7. best effort: the figures (:mod:`coembed.plots`) and ``report.md`` (:mod:`coembed.report`); a step that fails
    is logged with how to redo it, and the run stays complete.
 
+Under ``torchrun`` (:mod:`coembed.distributed`) every process runs this; process 0 alone loads the encoders,
+extracts and writes the run folder, while the others wait for it, read the finished store and each train on
+their shard of the pairs; they stop after training.
+
 A run folder holds (names in :mod:`coembed.layout`)::
 
     recipe.yaml        the recipe as run (overrides applied)
@@ -42,6 +46,7 @@ from coembed import layout
 from coembed.bad_items import check_bad_fraction, check_pair_fraction, count_reasons
 from coembed.config import Recipe
 from coembed.dataset import Dataset, load_dataset
+from coembed.distributed import World, join, leave
 from coembed.errors import AdapterError, RecipeError, TooManyBadItems
 from coembed.extraction import ModalityEmbeddings, extract_dataset
 from coembed.heads import build_head
@@ -137,32 +142,48 @@ def format_summary(metrics: RunMetrics) -> str:
     return "\n".join(lines)
 
 
-def train_recipe(recipe: Recipe, run_dir: str | Path | None = None, progress: bool = True) -> RunResult:
-    """Run ``recipe`` end to end; returns the run folder, the model and the metrics."""
-    run_dir = make_run_dir(recipe, run_dir)
-    steady_large_blocks()
-    handler = _attach_log_file(run_dir)
+def train_recipe(recipe: Recipe, run_dir: str | Path | None = None, progress: bool = True) -> RunResult | None:
+    """Run ``recipe`` end to end; returns the run folder, the model and the metrics.
+
+    Under ``torchrun`` with several processes, process 0 returns them; the others return ``None`` once
+    training is over (they write nothing).
+    """
+    world = join(recipe.train.device)
     try:
-        return _train(recipe, run_dir, progress)
+        steady_large_blocks()
+        if not world.is_main:
+            logging.getLogger("coembed").setLevel(logging.WARNING)  # process 0 speaks for the run
+            return _train(recipe, None, False, world)
+        run_dir = make_run_dir(recipe, run_dir)
+        handler = _attach_log_file(run_dir)
+        try:
+            return _train(recipe, run_dir, progress, world)
+        finally:
+            logging.getLogger("coembed").removeHandler(handler)
+            handler.close()
     finally:
-        logging.getLogger("coembed").removeHandler(handler)
-        handler.close()
+        leave(world)
 
 
-def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
+def _train(recipe: Recipe, run_dir: Path | None, progress: bool, world: World) -> RunResult | None:
+    """The stages; ``run_dir`` is ``None`` on every process but 0, which writes nothing."""
     times: dict[str, float] = {}
-    (run_dir / layout.RECIPE).write_text(recipe.to_yaml())
-    log.info("run folder %s", run_dir)
+    if run_dir is not None:
+        (run_dir / layout.RECIPE).write_text(recipe.to_yaml())
+        log.info("run folder %s", run_dir)
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
 
     # 1. encoders and heads: a missing download or a head that cannot map its encoder stops the run before any work
     t = time.perf_counter()
     adapters = build_adapters(recipe)
-    for m in recipe.trained_modalities():
-        adapters[m].model
+    if world.is_main:  # process 0 alone encodes
+        for m in recipe.trained_modalities():
+            adapters[m].model
     times["load_encoders"] = time.perf_counter() - t
     heads = build_heads(recipe, adapters)
+    if not world.is_main:
+        world.wait_for_main()  # process 0 reads the source and fills the store; then this one reads both
 
     # 2. data
     t = time.perf_counter()
@@ -172,7 +193,8 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
              len(dataset.validation), len(dataset.bad))
     # fail before days of extraction when the source alone is already too bad (a lower bound of the final share)
     source_rows = bad_item_rows(dataset, {})
-    write_jsonl(run_dir / layout.BAD_ITEMS, source_rows)
+    if run_dir is not None:
+        write_jsonl(run_dir / layout.BAD_ITEMS, source_rows)
     release_freed_memory()
     check_bad_fraction(source_rows, {m: sum(m in r.items for r in dataset.records) for m in recipe.trained_modalities()},
                        recipe.data.max_bad_fraction)
@@ -181,41 +203,48 @@ def _train(recipe: Recipe, run_dir: Path, progress: bool) -> RunResult:
     t = time.perf_counter()
     embedded = extract_dataset(recipe, adapters, dataset, progress)
     times["extract"] = time.perf_counter() - t
+    if world.is_main:
+        world.wait_for_main()  # the store is complete: the other processes read it now
     release_freed_memory()
     bad_rows = bad_item_rows(dataset, embedded)
     flagged_rows = [row for e in embedded.values() for row in e.flagged_rows()]
-    write_jsonl(run_dir / layout.BAD_ITEMS, bad_rows + flagged_rows)
+    if run_dir is not None:
+        write_jsonl(run_dir / layout.BAD_ITEMS, bad_rows + flagged_rows)
     check_bad_fraction(bad_rows, {m: e.stats.items - e.stats.bad for m, e in embedded.items()},
                        recipe.data.max_bad_fraction)
 
     # 4. training
-    pairs = build_pair_sets(recipe, dataset, embedded)
+    pairs = build_pair_sets(recipe, dataset, embedded, world=world)
     for p in pairs:
         candidates = sum(p.a in r.items and p.b in r.items for r in dataset.records)
         lost_records = sum(b.modality is None for b in dataset.bad)
-        check_pair_fraction(bad_rows, (p.a, p.b), candidates + lost_records, p.n_train + p.n_val,
+        check_pair_fraction(bad_rows, (p.a, p.b), candidates + lost_records, p.n_train_total + p.n_val,
                             recipe.data.max_bad_fraction)
-    pair_counts = {p.name: {"train": p.n_train, "validation": p.n_val} for p in pairs}
+    pair_counts = {p.name: {"train": p.n_train_total, "validation": p.n_val} for p in pairs}
     record_counts = {"records": len(dataset.records), "train_records": len(dataset.train),
                      "validation_records": len(dataset.validation)}
     extraction_stats = {m: asdict(e.stats) for m, e in embedded.items()}
     # the figures' sample is of encoder vectors: saved now, and the records and lookups are not needed again.
     # Nothing of theirs stays alive (no id string either), so the memory they took goes back to the system.
     try:
-        build_figure_sample(recipe.eval, dataset, embedded, pairs, recipe.seed).save(run_dir / layout.FIGURE_SAMPLE)
+        if run_dir is not None:
+            build_figure_sample(recipe.eval, dataset, embedded, pairs, recipe.seed).save(run_dir / layout.FIGURE_SAMPLE)
     except Exception:  # the figures are optional; training goes on without them
         log.exception("saving the figures' sample failed; the run goes on without figures")
     dataset.train, dataset.validation = [], []
     del embedded
     release_freed_memory()
     t = time.perf_counter()
+    trainer = Trainer(heads, pairs, recipe.train, seed=recipe.seed, world=world)
+    if run_dir is None:  # another process than 0: its part ends with training
+        trainer.fit(progress=False)
+        return None
     with (run_dir / layout.HISTORY).open("w", encoding="utf-8") as hist:
         def on_epoch(row: dict[str, float]) -> None:
             write_jsonl_row(hist, row)
             epoch_log.debug("epoch %d loss %.4f %s %.4f", row["epoch"], row["loss"], recipe.train.select_metric,
                             row.get(recipe.train.select_metric, float("nan")))
 
-        trainer = Trainer(heads, pairs, recipe.train, seed=recipe.seed)
         result = trainer.fit(on_epoch, progress=progress)
     times["train"] = time.perf_counter() - t
 

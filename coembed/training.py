@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from coembed.config import Recipe, TrainConfig
 from coembed.dataset import Dataset
 from coembed.devices import resolve_device
+from coembed.distributed import SINGLE, World, shard_batches
 from coembed.errors import TooFewPairs
 from coembed.extraction import ModalityEmbeddings
-from coembed.losses import LearnableTemperature, info_nce
+from coembed.losses import LearnableTemperature, info_nce, info_nce_gathered
 from coembed.metrics import (MEAN_R1, Duplicates, chunk_slices, find_duplicates, lower_is_better, mean_recall_at_1,
                              paired_retrieval, selectable_metrics)
 from coembed.sources import Record
@@ -103,6 +104,9 @@ class PairSet:
     #: where the validation vectors are read from when ``val_a``/``val_b`` are not held: the two lookups and the
     #: positions of the validation pairs' items in them
     val_source: tuple[Lookup, Lookup, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    #: the training pairs of all processes together when this one holds a shard of them
+    #: (:meth:`coembed.distributed.World.shard`); ``None``: it holds them all
+    train_total: int | None = None
 
     @property
     def name(self) -> str:
@@ -111,6 +115,11 @@ class PairSet:
     @property
     def n_train(self) -> int:
         return int(self.train_a.shape[0])
+
+    @property
+    def n_train_total(self) -> int:
+        """Training pairs across every process's shard (:attr:`n_train` with one process)."""
+        return self.n_train if self.train_total is None else self.train_total
 
     @property
     def n_val(self) -> int:
@@ -130,7 +139,7 @@ class PairSet:
         return PairSet(self.a, self.b, self.train_a.to(device), self.train_b.to(device),
                        None if self.val_a is None else self.val_a.to(device),
                        None if self.val_b is None else self.val_b.to(device), self.val_labels, self.val_duplicates,
-                       self.val_record_groups, self.train_rows, self.val_source)
+                       self.val_record_groups, self.train_rows, self.val_source, self.train_total)
 
     def validation(self, positions: np.ndarray | None = None) -> ValidationSet:
         """The validation pairs (those at ``positions``, default all) on the pair set's device."""
@@ -303,15 +312,25 @@ def use_autocast(config: TrainConfig, device: torch.device) -> bool:
 
 
 class Trainer:
-    """Fits ``heads`` so paired embeddings meet in the anchor space."""
+    """Fits ``heads`` so paired embeddings meet in the anchor space.
 
-    def __init__(self, heads: nn.ModuleDict, pairs: list[PairSet], config: TrainConfig, seed: int = 0) -> None:
+    With several processes (``world``, see :mod:`coembed.distributed`) each holds a shard of every pair type's
+    training pairs; a step's contrastive batch is the global one (``train.batch_size`` pairs, of which this
+    process holds about ``1 / world_size``), its embeddings gathered across processes with their gradients,
+    and the gradients summed: every process takes the step one process would take on the whole batch. Model
+    selection runs on process 0 and its metrics are sent to the others, so all keep the same heads.
+    """
+
+    def __init__(self, heads: nn.ModuleDict, pairs: list[PairSet], config: TrainConfig, seed: int = 0,
+                 world: World = SINGLE) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.world = world
+        self.device = world.device(resolve_device(config.device))
         self.heads = heads.to(self.device)
         self.pairs = [p.to(self.device) for p in pairs]
         t = config.temperature
         self.temperature = LearnableTemperature(t.init, t.learnable, t.min).to(self.device)
+        world.broadcast_tensors([*self.heads.state_dict().values(), *self.temperature.state_dict().values()])
         self.seed = seed
         self.autocast = use_autocast(config, self.device)
         if self.autocast and self.device.type != "cuda":
@@ -320,10 +339,12 @@ class Trainer:
         if not any(p.requires_grad for p in self.heads.parameters()):
             raise ValueError("no head has trainable parameters: every pair joins two identity heads")
         opt = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        self._params = params
         self.optimizer = opt(params, lr=config.lr, weight_decay=config.weight_decay)
-        #: what each validation ranks: a fixed sample of every pair type's validation pairs
-        self.selection = [p.validation_sample(config.validation_sample, seed) for p in self.pairs]
-        self._sizes = {p.name: {"selection": len(s), "full": p.n_val} for p, s in zip(self.pairs, self.selection)}
+        #: what each validation ranks: a fixed sample of every pair type's validation pairs (process 0 only)
+        self.selection = [p.validation_sample(config.validation_sample, seed) for p in self.pairs] if world.is_main else []
+        self._sizes = world.broadcast_object(
+            {p.name: {"selection": len(s), "full": p.n_val} for p, s in zip(self.pairs, self.selection)})
         self._workspaces: list[torch.Tensor] = []
 
     @property
@@ -335,36 +356,43 @@ class Trainer:
         bs = self.config.batch_size
         plans = []
         for p in self.pairs:
-            n = p.n_train
+            n = p.n_train_total
             b = min(bs, n)
-            perm = torch.randperm(n, generator=generator)
-            perm = perm.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else perm
-            plans.append((p, perm, b, math.ceil(n / b)))
+            batches = shard_batches(torch.randperm(n, generator=generator), b, self.world)
+            if self.device.type == "cuda":
+                batches.local = batches.local.pin_memory().to(self.device, non_blocking=True)
+            plans.append((p, batches, b, len(batches)))
         steps = max(s for *_, s in plans)
-        if len(self._workspaces) != len(plans):  # one logits buffer per pair type, reused by every step
+        if len(self._workspaces) != len(plans) and not self.world.distributed:
+            # one logits buffer per pair type, reused by every step
             self._workspaces = [torch.empty(b * b, device=self.device) for _, _, b, _ in plans]
         total = torch.zeros((), device=self.device)  # summed on the device: no host synchronisation per step
         count = 0
         for step in range(steps):
             loss = torch.zeros((), device=self.device)
             scale = self.temperature()
-            for (p, perm, b, n_steps), workspace in zip(plans, self._workspaces):
-                idx = perm[(step % n_steps) * b:(step % n_steps + 1) * b]
-                if idx.numel() < 2:
+            for k, (p, batches, _, n_steps) in enumerate(plans):
+                idx, counts = batches.batch(step % n_steps)  # counts: this batch's pairs on every process
+                if sum(counts) < 2:
                     continue
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     za, zb = self.heads[p.a](p.train_a[idx]), self.heads[p.b](p.train_b[idx])
-                loss = loss + info_nce(za, zb, scale, workspace)  # float32, outside autocast
+                if self.world.distributed:  # this process's share of the global batch's loss
+                    loss = loss + info_nce_gathered(za, zb, scale, lambda x: self.world.gather_rows(x, counts),
+                                                    self.world.logsumexp)
+                else:
+                    loss = loss + info_nce(za, zb, scale, self._workspaces[k])  # float32, outside autocast
                 del za, zb  # held by the graph alone, freed with it
             if not loss.requires_grad:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.world.sum_gradients(self._params)
             self.optimizer.step()
             total += loss.detach()
             count += 1
             del loss
-        return float(total) / max(count, 1)
+        return float(self.world.sum(total)) / max(count, 1)
 
     def fit(self, on_epoch: Callable[[dict[str, float]], None] | None = None, progress: bool = True) -> TrainResult:
         torch.manual_seed(self.seed)
@@ -385,7 +413,7 @@ class Trainer:
             t0 = time.perf_counter()
             loss = self._epoch(generator)
             validated = epoch % every == 0 or epoch == epochs
-            metrics = evaluate(self.heads, self.selection) if validated else {}
+            metrics = self._validate() if validated else {}
             row = {"epoch": epoch, "loss": loss, "temperature": self.temperature.temperature,
                    "seconds": time.perf_counter() - t0, **metrics}
             history.append(row)
@@ -408,6 +436,10 @@ class Trainer:
         sizes = self._sizes
         return TrainResult(history, best_epoch, best_metrics, self.temperature.temperature,
                            time.perf_counter() - start, best_state, sizes)
+
+    def _validate(self) -> dict[str, float]:
+        """Model selection's metrics of the current heads: ranked by process 0, the same on every process."""
+        return self.world.broadcast_object(evaluate(self.heads, self.selection) if self.world.is_main else None)
 
     def final_metrics(self, best_metrics: dict[str, float], chunk_size: int = 1024) -> dict[str, float]:
         """Retrieval of the kept heads on every validation pair, instance and class level, computed once.
@@ -438,13 +470,14 @@ class Trainer:
 
 
 def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, ModalityEmbeddings],
-                    device: torch.device | None = None) -> list[PairSet]:
+                    device: torch.device | None = None, world: World = SINGLE) -> list[PairSet]:
     """The train and validation pairs of every pair type of the recipe, from the usable embedded items,
-    read from the store straight onto ``device`` (default: the training device).
+    read from the store straight onto ``device`` (default: the training device). With several processes
+    (``world``) only this process's shard of the training pairs is read (:meth:`~coembed.distributed.World.shard`).
 
     :class:`~coembed.errors.TooFewPairs` when a pair type has fewer than 2 training pairs.
     """
-    device = device or resolve_device(recipe.train.device)
+    device = world.device(device or resolve_device(recipe.train.device))
     pairs = []
     for a, b in recipe.pairs:
         ea, eb = embedded[a], embedded[b]
@@ -453,14 +486,17 @@ def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Modali
             raise TooFewPairs(f"pair type {a}-{b} has {len(train)} usable training pairs; "
                               "at least 2 are needed (see bad_items.jsonl)")
         val = align_pairs(dataset.validation, ea.ok_row, eb.ok_row)
-        pair = PairSet(a, b, vectors_on(ea.lookup, train.rows_a, device), vectors_on(eb.lookup, train.rows_b, device),
+        held = world.shard(len(train))
+        rows_a, rows_b = np.asarray(train.rows_a, dtype=np.int64)[held], np.asarray(train.rows_b, dtype=np.int64)[held]
+        pair = PairSet(a, b, vectors_on(ea.lookup, rows_a, device), vectors_on(eb.lookup, rows_b, device),
                        # interned labels and a numpy array of groups: nothing keeps the records' own strings alive
                        val_labels=[None if r.label is None else sys.intern(r.label) for r in val.records],
                        val_duplicates=val.duplicates(a, b),
                        val_record_groups=np.array([r.group for r in val.records], dtype=str),
-                       train_rows=(np.asarray(train.rows_a, dtype=np.int64), np.asarray(train.rows_b, dtype=np.int64)),
+                       train_rows=(rows_a, rows_b),
                        val_source=(ea.lookup, eb.lookup, np.asarray(val.rows_a, dtype=np.int64),
-                                   np.asarray(val.rows_b, dtype=np.int64)))
-        log.info("pair type %s: %d train pairs, %d validation pairs", pair.name, pair.n_train, len(val))
+                                   np.asarray(val.rows_b, dtype=np.int64)),
+                       train_total=len(train) if world.distributed else None)
+        log.info("pair type %s: %d train pairs, %d validation pairs", pair.name, pair.n_train_total, len(val))
         pairs.append(pair)
     return pairs
