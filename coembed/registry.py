@@ -37,8 +37,8 @@ from coembed.errors import AdapterError, BadItem, WeightsUnavailable
 from coembed.layout import weights_path
 from coembed.plugins import PluginGroup
 
-__all__ = ["Adapter", "AdapterError", "AdapterInfo", "AdapterOptions", "AudioOptions", "BadItem", "WeightsUnavailable",
-           "available_adapters", "create_adapter", "describe_adapters", "get_adapter_class", "input_kinds",
+__all__ = ["Adapter", "AdapterError", "AdapterInfo", "AdapterOptions", "AudioOptions", "BadItem", "SampleItems",
+           "WeightsUnavailable", "available_adapters", "create_adapter", "describe_adapters", "get_adapter_class", "input_kinds",
            "resolve_key"]
 
 ENTRY_POINT_GROUP = "coembed.modalities"
@@ -65,6 +65,15 @@ class AudioOptions(AdapterOptions):
                     "window (both flagged in bad_items.jsonl, and kept), or 'refuse' it (a bad item)")
     """What happens to a clip shorter than the encoder's window; see
     :func:`coembed.media.fit_audio`. A clip under a few milliseconds is always a bad item."""
+
+
+@dataclass(frozen=True)
+class SampleItems:
+    """Raw items an adapter must read (``good``, at least two, different from each other) and one it
+    must refuse with :class:`BadItem` (``bad``)."""
+
+    good: list[Any]
+    bad: Any
 
 
 class Adapter(ABC):
@@ -166,6 +175,16 @@ class Adapter(ABC):
         config = self.config()
         return {option: path for option in sorted(self.weights_options & config.keys())
                 if (path := self.weights_location(option)) is not None}
+
+    @classmethod
+    def sample_items(cls, folder: Path) -> SampleItems | None:
+        """A few raw items of this adapter's modality and one bad item, for ``coembed modalities
+        --check`` (:mod:`coembed.adapter_check`); files, if any, are written into ``folder``.
+
+        ``None`` (the default): the check's own samples for ``audio``, ``image`` and ``text``. An
+        adapter of another modality returns its own.
+        """
+        return None
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -299,15 +318,27 @@ def create_adapter(key: str, **options: Any) -> Adapter:
 
 
 def describe_adapters() -> list[dict[str, Any]]:
-    """One row per registered adapter: key, modality, name, dim, weights, distribution or error."""
+    """One row per registered adapter: key, modality, name, dim, weights, distribution, and ``error``
+    for a plugin that fails to import, cannot be created or declares an unusable dim (never raised:
+    one broken plugin leaves the others listed)."""
     rows = []
     for key, info in available_adapters().items():
         row: dict[str, Any] = {"key": key, "modality": info.modality, "name": info.name,
                                "distribution": info.distribution}
         try:
             cls = get_adapter_class(key)
-            row.update(cls.describe())
+            described = cls.describe()
         except AdapterError as exc:
             row["error"] = str(exc)
+        except Exception as exc:  # a plugin whose constructor or dim raises: reported, the others listed
+            row["error"] = (f"adapter {key!r} from distribution {info.distribution!r} cannot be described: "
+                            f"{type(exc).__name__}: {exc}")
+        else:
+            dim = described.get("dim")
+            if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
+                row["error"] = (f"adapter {key!r} from distribution {info.distribution!r} declares dim {dim!r}: "
+                                f"not a positive integer")
+                described.pop("dim")
+            row.update(described)
         rows.append(row)
     return rows
