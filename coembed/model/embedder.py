@@ -35,7 +35,7 @@ from coembed.model.folder import (FORMAT_VERSION, ModalitySpec, ModelConfig, che
                                   check_local_weights, copy_record, load_heads, options_problem, read_config,
                                   save_heads, write_config)
 from coembed.model.hub import locate_model, upload_folder
-from coembed.registry import Adapter, get_adapter_class
+from coembed.registry import Adapter, create_adapter, get_adapter_class
 from coembed.version import __version__
 
 if TYPE_CHECKING:
@@ -95,12 +95,11 @@ class CoEmbedder(nn.Module):
             spec = self.specs[modality]
             overrides = self._adapter_overrides.get(modality, {})
             try:
-                cls = get_adapter_class(spec.adapter)
-                options = cls.saved_options(spec.adapter_config)
+                options = get_adapter_class(spec.adapter).saved_options(spec.adapter_config)
                 if self._device is not None:
                     options["device"] = self._device
                 options.update(overrides)
-                adapter = cls(cls.Options(**options))
+                adapter = create_adapter(spec.adapter, **options)
             except ValidationError as exc:
                 given = f", with adapter_options {overrides}" if overrides else ""
                 raise ModelLoadError(f"{modality}: adapter {spec.adapter} does not accept the options this model "
