@@ -2,7 +2,8 @@
 
 A *bad* item was skipped (unreadable, too short, refused by a setting, ...); a
 *flagged* item was kept although suspect (silent audio with
-``data.silent_audio: keep``). Both are written as rows ``{"id", "modality",
+``data.silent_audio: keep``, a short clip padded or repeated to fill its
+encoder's window). Both are written as rows ``{"id", "modality",
 "reason"}`` (flagged ones with ``"flagged": true``), whoever found them: a data
 source, the extraction or an evaluation.
 """

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from coembed.adapter_check import check_adapter
 from coembed.config import DataConfig, ExtractionConfig, ZeroShotConfig, apply_overrides
 from coembed.errors import (AdapterError, BadItem, HubError, ModelLoadError, RecipeError, TooFewPairs,
                             TooManyBadItems)
@@ -25,7 +26,7 @@ from coembed.plots import draw_run_figures, plot_zero_shot
 from coembed.prompts import TOP_K
 from coembed.recipe import load_recipe
 from coembed.record import read_metrics, write_json, write_metrics
-from coembed.registry import describe_adapters
+from coembed.registry import available_adapters, describe_adapters
 from coembed.report import retrieval_tables, write_report
 from coembed.run import train_recipe
 from coembed.version import __version__
@@ -104,8 +105,18 @@ def train(recipe: Path, overrides: tuple[str, ...], run_dir: Path | None, no_pro
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def modalities(as_json: bool) -> None:
-    """List every registered modality adapter."""
+@click.option("--check", "check_key", metavar="NAME", default=None,
+              help="Check one adapter (modality/name, or a name only one adapter has) against the adapter "
+                   "contract on items it makes itself; exits non-zero naming each rule it breaks.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the adapter --check creates, e.g. --option weights=none (repeatable; values are YAML).")
+def modalities(as_json: bool, check_key: str | None, options: tuple[str, ...]) -> None:
+    """List every registered modality adapter, or check one (--check)."""
+    if check_key is not None:
+        _check_modality(check_key, options, as_json)
+        return
+    if options:
+        _fail("--option applies to the adapter of --check")
     rows = describe_adapters()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -119,6 +130,35 @@ def modalities(as_json: bool) -> None:
     notes = [(r["key"], r.get("error") or r.get("note")) for r in rows if r.get("error") or r.get("note")]
     for key, text in notes:
         click.echo(f"\n{key}: {text}")
+
+
+def _check_modality(name: str, option_items: tuple[str, ...], as_json: bool) -> None:
+    """``coembed modalities --check NAME``: print every rule of :func:`check_adapter` and fail on any broken."""
+    known = available_adapters()
+    key = name
+    if "/" not in name:
+        matches = [k for k, info in known.items() if info.name == name]
+        if len(matches) != 1:
+            _fail(f"--check {name!r}: " + (f"several adapters have that name ({', '.join(matches)}); give modality/name"
+                                            if matches else f"no adapter of that name; registered: {', '.join(known)}"))
+        key = matches[0]
+    try:
+        options = apply_overrides({}, list(option_items))
+    except RecipeError as exc:
+        _fail(f"--option: {exc}")
+    report = check_adapter(key, options)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        given = f" with {options}" if options else " with its default options"
+        click.echo(f"checking {key} (from {report.distribution}){given}")
+        width = max(len(r.rule) for r in report.results)
+        for r in report.results:
+            click.echo(f"  {r.outcome.upper():4}  {r.rule.ljust(width)}  {r.detail}")
+    if not report.ok:
+        _fail(f"adapter {key} from {report.distribution} breaks: {', '.join(report.broken)}")
+    if not as_json:
+        click.echo(f"{key} keeps every rule checked")
 
 
 @main.command("check")

@@ -28,6 +28,11 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default warning threshold
 #: Audio quieter than this (RMS, dBFS) counts as silent; ``data.silence_db`` changes it.
 DEFAULT_SILENCE_DB = -60.0
 
+#: What an audio adapter does with a clip shorter than its encoder's window (the option ``short_audio``):
+#: ``pad`` it with silence, ``repeat`` it until it fills the window, or ``refuse`` it (a bad item).
+ShortAudio = Literal["pad", "repeat", "refuse"]
+DEFAULT_SHORT_AUDIO: ShortAudio = "pad"
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -14,6 +14,8 @@ Each ``adapter.load`` runs inside :func:`coembed.media.decoding`: the recipe's
 pixel limit reaches :func:`~coembed.media.load_image`, and the level of every
 decoded sound is stored with its embedding, so silent audio is flagged (or
 dropped) by the threshold of the current run, without encoding anything again.
+A clip an audio adapter padded or repeated to fill its encoder's window
+(:func:`~coembed.media.fit_audio`) is flagged the same way.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from coembed.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SILENCE_DB, DataCon
 from coembed.dataset import Dataset
 from coembed.errors import BadItem, OverLimit
 from coembed.layout import store_root
-from coembed.media import AUDIO_DB, SILENCE_FLOOR_DB, decoding, safe_text
+from coembed.media import (AUDIO_DB, AUDIO_PADDED, AUDIO_REPEATED, AUDIO_WINDOW, SILENCE_FLOOR_DB, decoding,
+                           safe_text)
 from coembed.registry import Adapter
 from coembed.store import EmbeddingStore, Lookup, item_key
 
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: The reason kind of a silent audio item (see :func:`coembed.bad_items.reason_kind`).
 SILENT_AUDIO = "silent audio"
+#: The reason kind of a clip padded or repeated to fill its encoder's window.
+SHORT_AUDIO = "short audio"
 
 
 @dataclass(frozen=True)
@@ -300,6 +305,7 @@ def extract(
         result.errors.update(refused)
         result.missing = [n for n in result.missing if n not in refused]
     _judge_silence(result, checks)
+    _flag_short_audio(result)
     stats.bad = len(result.errors) + len(result.missing)
     stats.bad_reasons = dict(Counter(map(reason_kind, result.errors.values())))
     stats.flagged = len(result.flags)
@@ -320,6 +326,20 @@ def _judge_silence(result: Lookup, checks: ItemChecks) -> None:
             result.ok[i] = False
         else:
             result.flags[i] = f"{reason} (kept: data.silent_audio=keep)"
+
+
+def _flag_short_audio(result: Lookup) -> None:
+    """Flag the good items whose clip was padded or repeated to fill the encoder's window (after any
+    silence flag of the same item)."""
+    done = {AUDIO_PADDED: "padded with silence", AUDIO_REPEATED: "repeated"}
+    for i, notes in result.notes.items():
+        fitted = [(seconds, how) for name, how in done.items() if (seconds := notes.get(name)) is not None]
+        if not fitted or not result.ok[i]:
+            continue
+        seconds, how = fitted[0]
+        window = notes.get(AUDIO_WINDOW)
+        reason = f"{SHORT_AUDIO}: {seconds:.3f} s, {how}" + (f" to the encoder's {window:.3f} s" if window else "")
+        result.flags[i] = f"{result.flags[i]}; {reason}" if i in result.flags else reason
 
 
 def _encode_one_by_one(adapter: Adapter, dataset: _LoadItems, good: list[int],

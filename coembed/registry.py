@@ -12,8 +12,8 @@ so a third-party package adds a modality exactly the way coembed adds its own::
 The entry-point name is ``"<modality>/<name>"`` and must match the class's
 ``modality`` and ``name`` attributes.
 
-A plugin needs only this module: :class:`Adapter`, :class:`AdapterOptions`,
-and the exceptions it raises, :class:`BadItem` and :class:`WeightsUnavailable`
+A plugin needs only this module: :class:`Adapter`, :class:`AdapterOptions`
+(:class:`AudioOptions` for audio, with ``short_audio``), and the exceptions it raises, :class:`BadItem` and :class:`WeightsUnavailable`
 (defined in :mod:`coembed.errors`, importable from here).
 """
 
@@ -22,22 +22,23 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from coembed.config import resolve_key
+from coembed.config import DEFAULT_SHORT_AUDIO, ShortAudio, resolve_key
 from coembed.devices import resolve_device
 from coembed.errors import AdapterError, BadItem, WeightsUnavailable
 from coembed.layout import weights_path
 from coembed.plugins import PluginGroup
 
-__all__ = ["Adapter", "AdapterError", "AdapterInfo", "AdapterOptions", "BadItem", "WeightsUnavailable",
-           "available_adapters", "create_adapter", "describe_adapters", "get_adapter_class", "input_kinds",
+__all__ = ["Adapter", "AdapterError", "AdapterInfo", "AdapterOptions", "AudioOptions", "BadItem", "SampleItems",
+           "WeightsUnavailable", "available_adapters", "create_adapter", "describe_adapters", "get_adapter_class", "input_kinds",
            "resolve_key"]
 
 ENTRY_POINT_GROUP = "coembed.modalities"
@@ -53,6 +54,26 @@ class AdapterOptions(BaseModel):
 
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
+
+
+class AudioOptions(AdapterOptions):
+    """Options every audio adapter has; an audio adapter's own options subclass this."""
+
+    short_audio: ShortAudio = Field(
+        default=DEFAULT_SHORT_AUDIO,
+        description="a clip shorter than the encoder's window: 'pad' it with silence, 'repeat' it to fill the "
+                    "window (both flagged in bad_items.jsonl, and kept), or 'refuse' it (a bad item)")
+    """What happens to a clip shorter than the encoder's window; see
+    :func:`coembed.media.fit_audio`. A clip under a few milliseconds is always a bad item."""
+
+
+@dataclass(frozen=True)
+class SampleItems:
+    """Raw items an adapter must read (``good``, at least two, different from each other) and one it
+    must refuse with :class:`BadItem` (``bad``)."""
+
+    good: list[Any]
+    bad: Any
 
 
 class Adapter(ABC):
@@ -84,6 +105,12 @@ class Adapter(ABC):
     #: that names the weights (a tag, a Hub id) stays in.
     weights_options: ClassVar[frozenset[str]] = frozenset()
 
+    #: Options added after the adapter's fingerprints were first recorded: option -> the value that
+    #: does what the adapter did before it had the option. At that value the option stays out of the
+    #: fingerprint (embedding stores and models written before keep theirs), and a saved model whose
+    #: options lack it gets that value (:meth:`saved_options`).
+    added_options: ClassVar[Mapping[str, Any]] = {}
+
     def __init__(self, options: AdapterOptions | None = None, **kwargs: Any) -> None:
         if options is None:
             options = self.Options(**kwargs)
@@ -109,11 +136,18 @@ class Adapter(ABC):
         :meth:`weights_identity` stands for those weights, by content.
         """
         local = self.local_weights()
-        config = {k: v for k, v in self.config().items() if k not in local}
+        config = {k: v for k, v in self.config().items()
+                  if k not in local and not (k in self.added_options and v == self.added_options[k])}
         payload = json.dumps({"adapter": self.key(), "config": config, "weights": self.weights_identity()},
                              sort_keys=True)
         digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
         return f"{self.modality}-{self.name}-{digest}"
+
+    @classmethod
+    def saved_options(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The options of a saved :meth:`config` (a model folder's), with the earlier value of each of
+        :attr:`added_options` that it lacks: the adapter it was saved from, fingerprint included."""
+        return {**cls.added_options, **config}
 
     def weights_identity(self) -> str:
         """A string naming the weights. Override if needed.
@@ -141,6 +175,16 @@ class Adapter(ABC):
         config = self.config()
         return {option: path for option in sorted(self.weights_options & config.keys())
                 if (path := self.weights_location(option)) is not None}
+
+    @classmethod
+    def sample_items(cls, folder: Path) -> SampleItems | None:
+        """A few raw items of this adapter's modality and one bad item, for ``coembed modalities
+        --check`` (:mod:`coembed.adapter_check`); files, if any, are written into ``folder``.
+
+        ``None`` (the default): the check's own samples for ``audio``, ``image`` and ``text``. An
+        adapter of another modality returns its own.
+        """
+        return None
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -292,15 +336,27 @@ def create_adapter(key: str, **options: Any) -> Adapter:
 
 
 def describe_adapters() -> list[dict[str, Any]]:
-    """One row per registered adapter: key, modality, name, dim, weights, distribution or error."""
+    """One row per registered adapter: key, modality, name, dim, weights, distribution, and ``error``
+    for a plugin that fails to import, cannot be created or declares an unusable dim (never raised:
+    one broken plugin leaves the others listed)."""
     rows = []
     for key, info in available_adapters().items():
         row: dict[str, Any] = {"key": key, "modality": info.modality, "name": info.name,
                                "distribution": info.distribution}
         try:
             cls = get_adapter_class(key)
-            row.update(cls.describe())
+            described = cls.describe()
         except AdapterError as exc:
             row["error"] = str(exc)
+        except Exception as exc:  # a plugin whose constructor or dim raises: reported, the others listed
+            row["error"] = (f"adapter {key!r} from distribution {info.distribution!r} cannot be described: "
+                            f"{type(exc).__name__}: {exc}")
+        else:
+            dim = described.get("dim")
+            if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
+                row["error"] = (f"adapter {key!r} from distribution {info.distribution!r} declares dim {dim!r}: "
+                                f"not a positive integer")
+                described.pop("dim")
+            row.update(described)
         rows.append(row)
     return rows

@@ -170,7 +170,7 @@ class Lookup:
                 + rows_of(ids, modality, {i: "missing from the store" for i in self.missing}))
 
     def flagged_rows(self, ids: Sequence[str], modality: str) -> list[BadItemRow]:
-        """A row for every item kept although suspect (silent audio kept by ``data.silent_audio: keep``)."""
+        """A row for every item kept although suspect (silent audio kept, a short clip padded or repeated)."""
         return rows_of(ids, modality, self.flags, flagged=True)
 
 

@@ -2,7 +2,9 @@
 
 Audio is decoded to 16 kHz mono by :func:`coembed.media.load_audio`, cut into
 log-mel examples of 0.96 s by torchvggish's ``waveform_to_examples`` and run
-through the VGGish network; a clip's vector is the mean over its examples.
+through the VGGish network; a clip's vector is the mean over its examples. A
+clip shorter than one example (:data:`MIN_SAMPLES`, 0.975 s) is padded with
+silence, repeated or refused, as ``short_audio`` says.
 
 The network is built from torchvggish's architecture without letting it
 download anything; the weights (and, for ``postprocess``, the PCA parameters)
@@ -13,7 +15,7 @@ are looked up in the local cache or downloaded here, and loaded with
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -26,8 +28,8 @@ from torchvggish import vggish_input, vggish_params
 from torchvggish.torchvggish import PCA_PARAMS, VGG, VGGISH_WEIGHTS, make_layers
 
 from coembed.layout import weights_path
-from coembed.media import load_audio
-from coembed.registry import Adapter, AdapterOptions, BadItem, WeightsUnavailable
+from coembed.media import fit_audio, load_audio
+from coembed.registry import Adapter, AdapterOptions, AudioOptions, WeightsUnavailable
 from coembed_modalities._weights import describe_error, download_blocker, none_if_none_string, path_identity
 
 SAMPLE_RATE: int = vggish_params.SAMPLE_RATE
@@ -38,7 +40,7 @@ MIN_SAMPLES: int = round(SAMPLE_RATE * vggish_params.STFT_WINDOW_LENGTH_SECONDS)
 EXAMPLES_PER_FORWARD = 256
 
 
-class VGGishOptions(AdapterOptions):
+class VGGishOptions(AudioOptions):
     """Options of ``audio/vggish``."""
 
     weights: str | None = "release"
@@ -148,6 +150,8 @@ class VGGishAdapter(Adapter):
     Options: ClassVar[type[AdapterOptions]] = VGGishOptions
     runtime_options: ClassVar[frozenset[str]] = frozenset({"device", "cache_dir", "sample_rate"})
     weights_options: ClassVar[frozenset[str]] = frozenset({"weights", "pca_params"})
+    #: Before ``short_audio`` existed, a clip shorter than one example was refused.
+    added_options: ClassVar[Mapping[str, Any]] = {"short_audio": "refuse"}
     options: VGGishOptions
 
     @property
@@ -234,15 +238,13 @@ class VGGishAdapter(Adapter):
     # -- data -----------------------------------------------------------------------
     def load(self, item: Any) -> torch.Tensor:
         """Decode ``item`` (path, bytes, Waveform, ``{"array", "sampling_rate"}``, array, or
-        ``(array, rate)``) to 16 kHz mono and cut it into ``[n, 1, 96, 64]`` log-mel examples."""
+        ``(array, rate)``) to 16 kHz mono and cut it into ``[n, 1, 96, 64]`` log-mel examples
+        (a clip shorter than one example first fitted to it, as ``short_audio`` says)."""
         rate = self.options.sample_rate
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], (int, np.integer)):
             item, rate = item
-        wave = load_audio(item, SAMPLE_RATE, item_sample_rate=rate)
-        if len(wave.samples) < MIN_SAMPLES:
-            raise BadItem(f"audio too short for VGGish: {len(wave.samples)} samples at {SAMPLE_RATE} Hz "
-                          f"({wave.duration:.3f} s); one {vggish_params.EXAMPLE_WINDOW_SECONDS} s example "
-                          f"needs {MIN_SAMPLES} ({MIN_SAMPLES / SAMPLE_RATE:.3f} s)")
+        wave = fit_audio(load_audio(item, SAMPLE_RATE, item_sample_rate=rate), MIN_SAMPLES,
+                         self.options.short_audio, "VGGish")
         examples = vggish_input.waveform_to_examples(wave.samples, SAMPLE_RATE, return_tensor=False)
         return torch.from_numpy(examples.astype(np.float32))[:, None]
 

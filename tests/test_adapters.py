@@ -7,6 +7,7 @@ Models are real architectures with random weights (``pretrained=None`` /
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import socket
 import time
@@ -34,7 +35,7 @@ from coembed.registry import (
 )
 from coembed_modalities.clip import ClipImageAdapter, ClipTextAdapter
 from coembed_modalities.sentence_transformers import SentenceTransformerAdapter
-from coembed_modalities.vggish import VGGishAdapter
+from coembed_modalities.vggish import MIN_SAMPLES, VGGishAdapter
 
 TEXTS = ["a photo of a dog", "an orchestra tuning before the concert starts", "rain"]
 
@@ -326,12 +327,65 @@ def test_bad_audio_items(tmp_path: Path, tmp_wav: Callable[..., Path]) -> None:
     adapter = VGGishAdapter(weights=None, device="cpu")
     (tmp_path / "empty.wav").write_bytes(b"")
     (tmp_path / "text.wav").write_text("not audio")
-    cases = {tmp_wav(seconds=0.5): "too short", tmp_wav(seconds=0.96): "too short",
-             tmp_path / "empty.wav": "zero-byte", tmp_path / "text.wav": "not a readable media file",
+    cases = {tmp_path / "empty.wav": "zero-byte", tmp_path / "text.wav": "not a readable media file",
              tmp_path / "missing.wav": "missing file"}
     for item, reason in cases.items():
         with pytest.raises(BadItem, match=reason):
             adapter.load(item)
+
+
+# ---------------------------------------------------------------------------------------
+# short audio
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_short_clip_is_padded_with_silence_by_default(vggish: VGGishAdapter) -> None:
+    clip = (0.3 * np.sin(2 * np.pi * 440 * np.arange(6400) / 16000)).astype(np.float32)  # 0.4 s
+    padded = np.concatenate([clip, np.zeros(MIN_SAMPLES - len(clip), np.float32)])
+    assert vggish.options.short_audio == "pad"
+    got = vggish.load((clip, 16000))
+    assert got.shape == (1, 1, 96, 64)
+    torch.testing.assert_close(got, vggish.load((padded, 16000)))
+    assert torch.isfinite(vggish.encode_items([(clip, 16000)])).all()
+
+
+def test_a_short_clip_is_repeated_to_fill_the_window(vggish: VGGishAdapter) -> None:
+    clip = (0.3 * np.sin(2 * np.pi * 440 * np.arange(6400) / 16000)).astype(np.float32)
+    repeated = np.tile(clip, 3)[:MIN_SAMPLES]
+    adapter = VGGishAdapter(weights=None, short_audio="repeat")
+    torch.testing.assert_close(adapter.load((clip, 16000)), adapter.load((repeated, 16000)))
+    assert not torch.equal(adapter.load((clip, 16000)), VGGishAdapter(weights=None).load((clip, 16000)))
+
+
+def test_a_short_clip_is_refused_when_asked(tmp_wav: Callable[..., Path]) -> None:
+    adapter = VGGishAdapter(weights=None, short_audio="refuse")
+    for seconds in (0.5, 0.96):
+        with pytest.raises(BadItem, match=r"audio too short for VGGish: .*short_audio=pad or repeat"):
+            adapter.load(tmp_wav(seconds=seconds))
+    assert adapter.load(tmp_wav(seconds=MIN_SAMPLES / 16000)).shape == (1, 1, 96, 64)
+
+
+@pytest.mark.parametrize("short_audio", ["pad", "repeat", "refuse"])
+def test_a_clip_without_usable_samples_stays_a_bad_item(short_audio: str) -> None:
+    adapter = VGGishAdapter(weights=None, short_audio=short_audio)
+    with pytest.raises(BadItem, match="audio holds no samples"):
+        adapter.load((np.zeros(0, np.float32), 16000))
+    with pytest.raises(BadItem, match="audio too short to use: 80 samples"):
+        adapter.load((np.ones(80, np.float32) * 0.1, 16000))  # 5 ms
+    with pytest.raises(BadItem, match="empty audio bytes"):
+        adapter.load(b"")
+
+
+def test_short_audio_is_part_of_the_fingerprint() -> None:
+    prints = {mode: VGGishAdapter(weights=None, short_audio=mode).fingerprint for mode in ("pad", "repeat", "refuse")}
+    assert len(set(prints.values())) == 3
+    # refusing is what VGGish did before the option existed: stores and models of then keep their fingerprint
+    payload = json.dumps({"adapter": "audio/vggish", "config": {"weights": None, "postprocess": False},
+                          "weights": "random-init"}, sort_keys=True)
+    assert prints["refuse"] == "audio-vggish-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+    assert VGGishAdapter(weights=None).config()["short_audio"] == "pad"
+    with pytest.raises(ValueError, match="short_audio"):
+        VGGishAdapter(short_audio="stretch")
 
 
 MISSING_WEIGHTS = [

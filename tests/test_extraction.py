@@ -83,3 +83,30 @@ def test_non_finite_embeddings_are_bad_items(tmp_path, toy, monkeypatch):
     lookup, stats = extract(toy, list("abcd"), paths, tmp_path / "store", batch_size=4, progress=False)
     assert lookup.ok.tolist() == [True, False, True, True]
     assert "NaN" in lookup.errors[1] and stats.bad == 1
+
+
+@pytest.mark.parametrize("short_audio", ["pad", "repeat"])
+def test_padded_or_repeated_clips_are_counted_and_listed_as_flagged(tmp_path, tmp_wav, short_audio):
+    import soundfile as sf
+
+    tiny = tmp_path / "tiny.wav"
+    sf.write(tiny, np.full(40, 0.2, np.float32), 8000)  # 5 ms: no usable sound
+    items = [str(tmp_wav(seconds=1.2)), str(tmp_wav(seconds=0.4, seed=1)), str(tiny)]
+    ids = ["long", "short", "tiny"]
+    vggish = create_adapter("audio/vggish", weights="none", device="cpu", short_audio=short_audio)
+    lookup, stats = extract(vggish, ids, items, tmp_path / "store", progress=False)
+    assert lookup.ok.tolist() == [True, True, False]
+    assert stats.flagged == 1 and stats.flagged_reasons == {"short audio": 1}
+    assert stats.bad == 1 and stats.bad_reasons == {"audio too short to use": 1}
+    (row,) = lookup.flagged_rows(ids, "audio")
+    how = "padded with silence" if short_audio == "pad" else "repeated"
+    assert row == {"id": "short", "modality": "audio", "flagged": True,
+                   "reason": f"short audio: 0.400 s, {how} to the encoder's 0.975 s"}
+    # read back from the store, the flag is the same
+    again, stats = extract(vggish, ids, items, tmp_path / "store", progress=False)
+    assert stats.encoded == 0 and again.flags == lookup.flags
+
+    refusing = create_adapter("audio/vggish", weights="none", device="cpu", short_audio="refuse")
+    lookup, stats = extract(refusing, ids, items, tmp_path / "store", progress=False)
+    assert lookup.ok.tolist() == [True, False, False] and stats.flagged == 0
+    assert stats.bad_reasons == {"audio too short for VGGish": 1, "audio too short to use": 1}

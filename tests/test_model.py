@@ -150,6 +150,31 @@ def test_audio_accepts_every_input_kind(shared_real_model: CoEmbedder, tmp_wav: 
     assert np.allclose(np.linalg.norm(mixed, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_short_clip_embeds_with_the_short_audio_the_model_was_saved_with(shared_real_model: CoEmbedder,
+                                                                           tmp_path: Path,
+                                                                           tmp_wav: Callable[..., Path]) -> None:
+    long, short = tmp_wav(seconds=2.0, seed=3), tmp_wav(seconds=0.4, seed=4)
+    got = shared_real_model.embed(audio=[long, short])
+    assert got.shape == (2, 384) and torch.isfinite(got).all()
+    folder = shared_real_model.save_pretrained(tmp_path / "model")
+    saved = json.loads((folder / CONFIG_NAME).read_text())["modalities"]["audio"]
+    assert saved["adapter_config"]["short_audio"] == "pad"
+
+    # a model saved before the option existed has none: it refused short clips then, and still does
+    refusing = create_adapter("audio/vggish", weights="none", short_audio="refuse")
+
+    def before_the_option(config: dict[str, Any]) -> None:
+        audio = config["modalities"]["audio"]
+        del audio["adapter_config"]["short_audio"]
+        audio["fingerprint"] = refusing.fingerprint
+
+    edit_config(folder, before_the_option)
+    old = CoEmbedder.from_pretrained(folder, "cpu")
+    assert old.embed(audio=long).shape == (1, 384)
+    with pytest.raises(BadItem, match="item 1: audio too short for VGGish"):
+        old.embed(audio=[long, short])
+
+
 def test_image_and_text_accept_every_input_kind(shared_real_model: CoEmbedder,
                                                 tmp_png: Callable[..., Path]) -> None:
     model = shared_real_model

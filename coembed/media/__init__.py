@@ -13,14 +13,15 @@ measurements out.
 ``context``    :func:`decoding`: the pixel limit in force, measurements taken
 ``containers`` opening media containers with PyAV
 ``video``      a frame of a video as an image; probing a video's streams
-``audio``      :func:`load_audio`, levels, resampling
+``audio``      :func:`load_audio`, levels, resampling, :func:`fit_audio` (short clips)
 ``image``      :func:`load_image`, any mode to RGB
 ============== ================================================================
 """
 
 from coembed.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_SILENCE_DB
 from coembed.errors import BadItem, OverLimit
-from coembed.media.audio import AUDIO_DB, SILENCE_FLOOR_DB, audio_level_db, load_audio, resample, to_mono
+from coembed.media.audio import (AUDIO_DB, AUDIO_PADDED, AUDIO_REPEATED, AUDIO_WINDOW, MIN_USABLE_SECONDS,
+                                 SILENCE_FLOOR_DB, audio_level_db, fit_audio, load_audio, resample, to_mono)
 from coembed.media.containers import open_media, video_stream
 from coembed.media.context import FROM_CONTEXT, decoding
 from coembed.media.image import load_image, to_rgb
@@ -29,8 +30,8 @@ from coembed.media.items import (AudioSegment, MediaRef, VideoFrame, Waveform, a
 from coembed.media.video import VideoProbe, probe_video, read_video_frame
 
 __all__ = [
-    "AUDIO_DB", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_SILENCE_DB", "FROM_CONTEXT", "SILENCE_FLOOR_DB", "AudioSegment",
+    "AUDIO_DB", "AUDIO_PADDED", "AUDIO_REPEATED", "AUDIO_WINDOW", "DEFAULT_MAX_IMAGE_PIXELS", "MIN_USABLE_SECONDS", "DEFAULT_SILENCE_DB", "FROM_CONTEXT", "SILENCE_FLOOR_DB", "AudioSegment",
     "BadItem", "MediaRef", "OverLimit", "VideoFrame", "VideoProbe", "Waveform", "as_array", "audio_level_db",
-    "check_file", "check_path_name", "decoding", "load_audio", "load_image", "open_media", "probe_video",
+    "check_file", "check_path_name", "decoding", "fit_audio", "load_audio", "load_image", "open_media", "probe_video",
     "read_video_frame", "resample", "safe_text", "stat_file", "to_mono", "to_rgb", "video_stream",
 ]

@@ -4,7 +4,9 @@ soundfile reads what it can (WAV, FLAC, OGG, ...); FFmpeg (PyAV) reads the
 rest, video files and spans of them (:class:`~coembed.media.AudioSegment`)
 included. Inside a :func:`~coembed.media.decoding` block the level of every
 decoded clip is recorded (``"audio_db"``), so silence is judged by the
-threshold of the run, without decoding again.
+threshold of the run, without decoding again. :func:`fit_audio` brings a clip
+shorter than an encoder's window up to it (padded with silence or repeated) or
+refuses it, and records what it did, so the extraction flags the item.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import av
 import numpy as np
 import soundfile as sf
 
+from coembed.config import ShortAudio
 from coembed.errors import BadItem
 from coembed.media.context import record_measurement
 from coembed.media.containers import open_media
@@ -29,6 +32,15 @@ AUDIO_DB = "audio_db"
 
 #: The floor :func:`audio_level_db` reports for digital silence.
 SILENCE_FLOOR_DB = -200.0
+
+#: The measurements :func:`fit_audio` records for a clip it padded or repeated: the clip's own length
+#: (seconds), under the name of what was done, and the length of the window it now fills.
+AUDIO_PADDED = "audio_padded_from_s"
+AUDIO_REPEATED = "audio_repeated_from_s"
+AUDIO_WINDOW = "audio_window_s"
+
+#: A clip shorter than this holds no usable sound: a bad item whatever ``short_audio`` says.
+MIN_USABLE_SECONDS = 0.01
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -157,3 +169,32 @@ def audio_level_db(samples: np.ndarray) -> float:
     return max(SILENCE_FLOOR_DB, 20.0 * math.log10(rms)) if rms > 0.0 else SILENCE_FLOOR_DB
 
 
+
+
+def fit_audio(wave: Waveform, window_samples: int, short_audio: ShortAudio, encoder: str) -> Waveform:
+    """``wave`` unchanged when it holds at least ``window_samples``; a shorter clip padded with silence
+    at its end (``"pad"``), repeated to fill the window (``"repeat"``), or refused (``"refuse"``).
+
+    A clip under :data:`MIN_USABLE_SECONDS` is always refused. A padded or repeated clip is recorded
+    (:data:`AUDIO_PADDED` or :data:`AUDIO_REPEATED`, and :data:`AUDIO_WINDOW`) inside a
+    :func:`~coembed.media.decoding` block, so the extraction flags it. ``encoder`` names the
+    encoder in the reasons.
+    """
+    n, rate = len(wave.samples), wave.sample_rate
+    if n >= window_samples:
+        return wave
+    seconds, window = n / rate, window_samples / rate
+    if n < round(MIN_USABLE_SECONDS * rate):
+        raise BadItem(f"audio too short to use: {n} samples at {rate} Hz ({seconds * 1000:.1f} ms); "
+                      f"a clip needs at least {MIN_USABLE_SECONDS * 1000:g} ms")
+    if short_audio == "refuse":
+        raise BadItem(f"audio too short for {encoder}: {n} samples at {rate} Hz ({seconds:.3f} s); one "
+                      f"example needs {window_samples} ({window:.3f} s); short_audio=pad or repeat embeds it")
+    if short_audio == "pad":
+        samples = np.pad(wave.samples, (0, window_samples - n))
+        record_measurement(AUDIO_PADDED, seconds)
+    else:
+        samples = np.tile(wave.samples, -(-window_samples // n))[:window_samples]
+        record_measurement(AUDIO_REPEATED, seconds)
+    record_measurement(AUDIO_WINDOW, window)
+    return Waveform(samples.astype(np.float32, copy=False), rate)

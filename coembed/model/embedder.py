@@ -36,7 +36,7 @@ from coembed.model.folder import (FORMAT_VERSION, ModalitySpec, ModelConfig, che
                                   check_local_weights, copy_record, load_heads, options_problem, read_config,
                                   save_heads, write_config)
 from coembed.model.hub import locate_model, upload_folder
-from coembed.registry import Adapter, create_adapter
+from coembed.registry import Adapter, create_adapter, get_adapter_class
 from coembed.version import __version__
 
 if TYPE_CHECKING:
@@ -109,11 +109,11 @@ class CoEmbedder(nn.Module):
         if modality not in self._adapters:
             spec = self.specs[modality]
             overrides = self._adapter_overrides.get(modality, {})
-            options = dict(spec.adapter_config)
-            if self._device is not None:
-                options["device"] = self._device
-            options.update(overrides)
             try:
+                options = get_adapter_class(spec.adapter).saved_options(spec.adapter_config)
+                if self._device is not None:
+                    options["device"] = self._device
+                options.update(overrides)
                 adapter = create_adapter(spec.adapter, **options)
             except ValidationError as exc:
                 given = f", with adapter_options {overrides}" if overrides else ""
