@@ -123,10 +123,13 @@ def test_each_method_runs_through_the_pipeline_saves_and_reloads(tmp_path, monke
     data = {"source": "generated", "path": str(tmp_path / "media"), "classes": 2, "items_per_class": 6,
             "image_size": 32, "audio_seconds": 1.0}
     recipe = toy_recipe(tmp_path, data, train={"method": method, "epochs": 1, "batch_size": 4, "device": "cpu",
-                                               "alignment": {"asif_anchors": 5, "cca_dims": [2]}})
+                                               "alignment": {"asif_anchors": 5, "cca_dims": [2]}},
+                        eval={"plots": False, "report": True})
     result = train_recipe(recipe, run_dir=tmp_path / "run", progress=False)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert "image->audio/R@1" in metrics["retrieval"] and metrics["temperature"] is None
+    report = (result.run_dir / "report.md").read_text()
+    assert f"train.method: {method}" in report and "image->audio" in report
     model = CoEmbedder.from_pretrained(result.run_dir, device="cpu")
     assert model.metadata["method"] == method
     assert model.output_dim == {"cca": 2, "asif": 5}.get(method, 8)
