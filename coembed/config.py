@@ -38,15 +38,27 @@ class _Strict(BaseModel):
 
 
 class HeadConfig(_Strict):
-    """A projection head into the anchor space."""
+    """A projection head into the anchor space.
 
-    type: Literal["identity", "linear", "mlp"] = "linear"
+    ``asif`` heads are not trained: ``train.method: asif`` builds them (the
+    anchor pairs they compare with are part of their weights).
+    """
+
+    type: Literal["identity", "linear", "mlp", "asif"] = "linear"
     hidden_dim: int | None = Field(default=None, gt=0, description="MLP hidden width (default: 2x output)")
-    num_layers: int = Field(default=2, ge=2, description="MLP linear layers")
+    num_layers: int = Field(default=2, ge=2, description="MLP linear layers (with residual: the input and output "
+                                                         "layers around num_layers - 1 residual blocks)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     bias: bool = True
     identity_init: bool = Field(
         default=False, description="linear head starts as the identity (needs equal in/out dims)")
+    norm: Literal["layernorm", "none"] = Field(
+        default="layernorm", description="MLP: LayerNorm of the input (and inside residual blocks), or none")
+    residual: bool = Field(
+        default=False, description="MLP: hidden layers are pre-LayerNorm residual blocks "
+                                   "x + Linear(Dropout(GELU(Linear(LN(x))))) (FuseMix)")
+    top_k: int = Field(default=32, gt=0, description="asif: similarities to the anchor items kept per item")
+    power: float = Field(default=8.0, gt=0.0, description="asif: exponent sharpening the kept similarities")
 
 
 def resolve_key(modality: str, adapter: str) -> str:
@@ -116,7 +128,38 @@ class TemperatureConfig(_Strict):
     min: float = Field(default=0.01, gt=0.0)
 
 
+class SigmoidLossConfig(_Strict):
+    """The SigLIP pairwise loss's learnable bias (its scale is ``train.temperature``)."""
+
+    bias_init: float = Field(default=-10.0, description="initial logit bias (SigLIP: -10)")
+    learnable_bias: bool = Field(default=True, description="train the bias, or keep it at bias_init")
+
+
+class AlignmentConfig(_Strict):
+    """Options of the closed-form and training-free methods (``train.method`` other than ``contrastive``)."""
+
+    ridge_alphas: list[Annotated[float, Field(gt=0.0)]] = Field(
+        default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], min_length=1,
+        description="ridge: penalties tried, relative to the mean eigenvalue of the input covariance; "
+                    "the one with the best select_metric on validation is kept")
+    cca_dims: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None, description="cca: canonical dimensions tried (default: powers of two up to the smaller dim "
+                                  "and that dim); the best on validation is kept")
+    cca_regularization: float = Field(
+        default=1e-3, ge=0.0, description="cca: ridge added to both covariances, relative to their mean eigenvalue")
+    asif_anchors: int = Field(default=4096, gt=1, description="asif: training pairs kept as anchor pairs "
+                                                                "(drawn by the seed; all when fewer)")
+    asif_top_k: list[Annotated[int, Field(gt=0)]] = Field(
+        default=[8, 32, 128], min_length=1, description="asif: similarities kept per item, tried on validation")
+    asif_power: list[Annotated[float, Field(gt=0.0)]] = Field(
+        default=[1.0, 4.0, 8.0], min_length=1, description="asif: sharpening exponents, tried on validation")
+
+
 class TrainConfig(_Strict):
+    method: Literal["contrastive", "ridge", "procrustes", "cca", "asif"] = Field(
+        default="contrastive", description="how the maps into the anchor space are fitted: contrastive training "
+                                           "of the heads, or a closed-form / training-free baseline "
+                                           "(see docs/guide.md)")
     epochs: int = Field(default=300, gt=0)
     batch_size: int = Field(default=4096, gt=1, description="pairs per contrastive batch; under torchrun the global "
                                                            "batch, spread over the processes (docs/scale.md)")
@@ -133,6 +176,27 @@ class TrainConfig(_Strict):
     validate_every: int = Field(default=1, gt=0, description="validate every N epochs (and after the last)")
     autocast: bool | None = Field(default=None, description="bf16 autocast of the heads, loss and temperature in "
                                                             "float32 (default: on with CUDA, off elsewhere)")
+    loss: Literal["infonce", "sigmoid"] = Field(
+        default="infonce", description="symmetric InfoNCE, or the pairwise sigmoid loss of SigLIP")
+    sigmoid: SigmoidLossConfig = Field(default_factory=SigmoidLossConfig)
+    mixup: float = Field(default=0.0, ge=0.0, description="latent mixup (FuseMix): a in lambda ~ Beta(a, a), one "
+                                                          "lambda per step for every modality, mixing the two halves "
+                                                          "of each batch (0: off)")
+    label_positives: bool = Field(
+        default=False, description="items of the same class (records' labels) are not negatives of each other")
+    schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="learning rate after the warmup: constant, or cosine decay to 0 at the "
+                                        "last step of train.epochs")
+    warmup_steps: int = Field(default=0, ge=0, description="steps of linear learning-rate warmup from 0")
+    warmup_fraction: float = Field(default=0.0, ge=0.0, lt=1.0,
+                                   description="warmup as a share of all steps (instead of warmup_steps)")
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainConfig":
+        if self.warmup_steps and self.warmup_fraction:
+            raise ValueError("give train.warmup_steps or train.warmup_fraction, not both")
+        return self
 
 
 class ZeroShotConfig(_Strict):
@@ -197,6 +261,22 @@ class Recipe(_Strict):
                     raise ValueError(f"pairs: {m!r} is not one of the modalities {sorted(names)}")
             if a == b:
                 raise ValueError(f"pairs: a pair type needs two different modalities, got [{a}, {b}]")
+        for m, cfg in self.modalities.items():
+            if cfg.head.type == "asif":
+                raise ValueError(f"modalities.{m}.head.type: asif heads are built by train.method asif, "
+                                 "not trained; use identity, linear or mlp")
+        method = self.train.method
+        if method != "contrastive":
+            for a, b in self.pairs:
+                if self.anchor not in (a, b):
+                    raise ValueError(f"train.method {method}: every pair type must hold the anchor "
+                                     f"{self.anchor!r}; [{a}, {b}] does not")
+            if len({frozenset(p) for p in self.pairs}) != len(self.pairs):
+                raise ValueError(f"train.method {method}: a pair type is given twice")
+        if method in ("cca", "asif") and (len(self.pairs) != 1 or set(self.pairs[0]) != names):
+            raise ValueError(f"train.method {method} maps the anchor too: it takes one pair type joining the "
+                             f"anchor with the only other modality (got pairs {self.pairs} over modalities "
+                             f"{sorted(names)})")
         return self
 
     def trained_modalities(self) -> list[str]:

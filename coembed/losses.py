@@ -51,12 +51,14 @@ class SymmetricInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                workspace: torch.Tensor | None = None) -> torch.Tensor:
+                workspace: torch.Tensor | None = None, excluded: torch.Tensor | None = None) -> torch.Tensor:
         n = a.shape[0]
         if workspace is not None and workspace.numel() >= n * n and workspace.dtype == a.dtype:
             logits = torch.mm(a, b.T, out=workspace.view(-1)[:n * n].view(n, n)).mul_(scale)
         else:
             logits = torch.mm(a, b.T).mul_(scale)
+        if excluded is not None:  # not negatives: out of both softmaxes, so their gradient is exp(-inf) = 0
+            logits.masked_fill_(excluded, float("-inf"))
         row = torch.cat([torch.logsumexp(logits[i:i + _CHUNK], dim=1) for i in range(0, n, _CHUNK)])
         col = torch.cat([torch.logsumexp(logits[:, j:j + _CHUNK], dim=0) for j in range(0, n, _CHUNK)])
         diag = logits.diagonal()
@@ -80,25 +82,75 @@ class SymmetricInfoNCE(torch.autograd.Function):
         grad_a = g_b * scale if ctx.needs_input_grad[0] else None
         grad_b = torch.mm(g.T, a) * scale if ctx.needs_input_grad[1] else None
         grad_scale = (g_b * a).sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
-        return grad_a, grad_b, grad_scale, None
+        return grad_a, grad_b, grad_scale, None, None
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
-             workspace: torch.Tensor | None = None) -> torch.Tensor:
+             workspace: torch.Tensor | None = None, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE: row ``i`` of ``a`` is the positive of row ``i`` of ``b``.
 
     Inputs are L2-normalised here; the loss is computed in float32
     (:class:`SymmetricInfoNCE`). ``workspace``, a float32 buffer of at least
     ``batch**2`` values, holds the logits instead of a new allocation each
     step; one buffer serves one call at a time (until its backward pass).
+    ``excluded``, a ``[batch, batch]`` boolean mask that is false on the
+    diagonal, names pairs that are not negatives (same class): they leave
+    both softmaxes.
     """
     if b.requires_grad and not a.requires_grad:
         # the loss is symmetric in a and b; with the trained side first its gradient needs no
         # transposed [batch, batch] product, which measured ~10% faster per CPU step
         a, b = b, a
+        excluded = None if excluded is None else excluded.T
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
-    return SymmetricInfoNCE.apply(a, b, logit_scale.float(), workspace)
+    return SymmetricInfoNCE.apply(a, b, logit_scale.float(), workspace, excluded)
+
+
+def sigmoid_pairwise(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, bias: torch.Tensor,
+                     excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """SigLIP's loss: ``-mean_i sum_j log sigmoid(z_ij (scale * a_i . b_j + bias))``, ``z`` = 1 on the
+    diagonal and -1 elsewhere, over L2-normalised inputs in float32; ``excluded`` pairs (not negatives)
+    are left out of the sum."""
+    a = F.normalize(a.float(), dim=-1)
+    b = F.normalize(b.float(), dim=-1)
+    logits = logit_scale.float() * (a @ b.T) + bias.float()
+    signs = 2.0 * torch.eye(a.shape[0], device=a.device) - 1.0
+    terms = F.logsigmoid(signs * logits)
+    if excluded is not None:
+        terms = terms.masked_fill(excluded, 0.0)
+    return -terms.sum() / a.shape[0]
+
+
+class PairLoss(nn.Module):
+    """The loss of one batch of pairs, ``train.loss``: ``"infonce"`` (:func:`info_nce`) or ``"sigmoid"``
+    (:func:`sigmoid_pairwise`, whose learnable bias is this module's parameter)."""
+
+    def __init__(self, kind: str = "infonce", bias_init: float = -10.0, learnable_bias: bool = True) -> None:
+        super().__init__()
+        if kind not in ("infonce", "sigmoid"):
+            raise ValueError(f"unknown loss {kind!r}")
+        self.kind = kind
+        if kind == "sigmoid":
+            value = torch.tensor(float(bias_init))
+            if learnable_bias:
+                self.bias = nn.Parameter(value)
+            else:
+                self.register_buffer("bias", value)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                workspace: torch.Tensor | None = None, excluded: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "sigmoid":
+            return sigmoid_pairwise(a, b, logit_scale, self.bias, excluded)
+        return info_nce(a, b, logit_scale, workspace, excluded)
+
+
+def same_class(labels: torch.Tensor) -> torch.Tensor:
+    """``[n, n]`` mask of the pairs ``(i, j)``, ``i != j``, of one known class (label >= 0; -1: unknown)."""
+    known = labels >= 0
+    mask = (labels[:, None] == labels[None, :]) & known[:, None] & known[None, :]
+    mask.fill_diagonal_(False)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------

@@ -104,6 +104,14 @@ def _section_training(record: RunRecord) -> list[str]:
                   "Left: the training loss per epoch. Right: validation R@1 per direction; the dashed line marks "
                   "the best epoch, whose heads were kept.", ""]
     train = recipe.train if recipe is not None else None
+    if train is not None and train.method != "contrastive":
+        rows = [["method", f"`{train.method}`, fitted in closed form (no epochs, loss or temperature)"],
+                ["settings tried", f"{_fmt(metrics.epochs_run)}, one per row of `{layout.HISTORY}` (the training "
+                                   f"curve's x axis); kept: number {_fmt(metrics.best_epoch)} (by "
+                                   f"`{metrics.select_metric or '–'}`)"],
+                ["model selection on", _selection_text(metrics).replace(", every epoch", "")],
+                ["seconds", ", ".join(f"{k} {v:.1f}" for k, v in metrics.seconds.items()) or "–"]]
+        return lines + _table(["", ""], rows) + [""]
     rows = [["epochs run", f"{_fmt(metrics.epochs_run)} of {train.epochs if train else '–'}"],
             ["best epoch", f"{_fmt(metrics.best_epoch)} (by `{metrics.select_metric or '–'}`)"],
             ["model selection on", _selection_text(metrics)],
@@ -215,9 +223,15 @@ def render_report(run_dir: Path) -> str:
     recipe = record.recipe
     if recipe is not None:
         pairs = ", ".join("-".join(p) for p in recipe.pairs)
-        heads = ", ".join(f"{m} (`{c.adapter}`, {c.head.type} head)" for m, c in recipe.modalities.items())
-        about = (f"Projection heads trained on {pairs} pairs into the shared space of **{recipe.anchor}**. "
-                 f"Modalities: {heads}. Frozen encoders; only the heads were trained.")
+        if recipe.train.method == "contrastive":
+            heads = ", ".join(f"{m} (`{c.adapter}`, {c.head.type} head)" for m, c in recipe.modalities.items())
+            about = (f"Projection heads trained on {pairs} pairs into the shared space of **{recipe.anchor}**. "
+                     f"Modalities: {heads}. Frozen encoders; only the heads were trained.")
+        else:
+            adapters = ", ".join(f"{m} (`{c.adapter}`)" for m, c in recipe.modalities.items())
+            about = (f"Heads fitted by `train.method: {recipe.train.method}` on {pairs} pairs into the shared "
+                     f"space of **{recipe.anchor}** (their types are in `model/{layout.MODEL_CONFIG}`). "
+                     f"Modalities: {adapters}. Frozen encoders.")
     else:
         about = f"No readable `{layout.RECIPE}` in this folder."
     lines = [f"# Run `{record.name}`", "", about, "",

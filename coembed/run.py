@@ -5,7 +5,8 @@ The stages, in order:
 1. load the encoders (a missing download stops the run before any work) and build the heads;
 2. read the data source and split it by group (:mod:`coembed.dataset`);
 3. extract every trained modality through the embedding store (:mod:`coembed.extraction`);
-4. train the heads on every pair type (:mod:`coembed.training`);
+4. train the heads on every pair type (:mod:`coembed.training`), or fit them in closed form
+   (``train.method``, :mod:`coembed.alignment`);
 5. evaluate: retrieval of the kept heads, the recipe's zero-shot sets (:mod:`coembed.zeroshot`);
 6. save the model and ``metrics.json``: from here on the run's result is safe;
 7. best effort: the figures (:mod:`coembed.plots`) and ``report.md`` (:mod:`coembed.report`); a step that fails
@@ -43,10 +44,11 @@ import numpy as np
 import torch
 
 from coembed import layout
+from coembed.alignment import Aligner
 from coembed.bad_items import check_bad_fraction, check_pair_fraction, count_reasons
-from coembed.config import Recipe
+from coembed.config import HeadConfig, Recipe
 from coembed.dataset import Dataset, load_dataset
-from coembed.distributed import World, join, leave
+from coembed.distributed import SINGLE, World, join, leave
 from coembed.errors import AdapterError, RecipeError, TooManyBadItems
 from coembed.extraction import ModalityEmbeddings, extract_dataset
 from coembed.heads import build_head
@@ -59,7 +61,7 @@ from coembed.plots import build_figure_sample, draw_run_figures, plot_zero_shot
 from coembed.record import RunCounts, RunMetrics, write_jsonl, write_jsonl_row, write_metrics
 from coembed.registry import Adapter, create_adapter
 from coembed.report import write_report
-from coembed.training import Trainer, build_pair_sets
+from coembed.training import PairSet, Trainer, build_pair_sets
 from coembed.zeroshot import load_results, run_zero_shot
 
 log = logging.getLogger("coembed")
@@ -112,6 +114,18 @@ def build_heads(recipe: Recipe, adapters: dict[str, Adapter]) -> torch.nn.Module
         except ValueError as exc:
             raise RecipeError(f"modalities.{m}.head: {exc}") from None
     return heads
+
+
+def build_fitter(recipe: Recipe, heads: torch.nn.ModuleDict, pairs: list[PairSet],
+                 world: World = SINGLE) -> Trainer | Aligner:
+    """What fits the heads: the contrastive :class:`Trainer`, or the :class:`Aligner` of ``train.method``
+    (one process: a closed-form fit needs every pair in one place)."""
+    if recipe.train.method == "contrastive":
+        return Trainer(heads, pairs, recipe.train, seed=recipe.seed, world=world)
+    if world.distributed:
+        raise ValueError(f"train.method={recipe.train.method} is fitted in one process; "
+                         "run it without torchrun (only the contrastive trainer spreads over processes)")
+    return Aligner(heads, pairs, recipe.train, recipe.anchor, seed=recipe.seed)
 
 
 def bad_item_rows(dataset: Dataset, embedded: dict[str, ModalityEmbeddings]) -> list[dict[str, Any]]:
@@ -235,21 +249,27 @@ def _train(recipe: Recipe, run_dir: Path | None, progress: bool, world: World) -
     del embedded
     release_freed_memory()
     t = time.perf_counter()
-    trainer = Trainer(heads, pairs, recipe.train, seed=recipe.seed, world=world)
+    trainer = build_fitter(recipe, heads, pairs, world)
     if run_dir is None:  # another process than 0: its part ends with training
         trainer.fit(progress=False)
         return None
     with (run_dir / layout.HISTORY).open("w", encoding="utf-8") as hist:
         def on_epoch(row: dict[str, float]) -> None:
             write_jsonl_row(hist, row)
-            epoch_log.debug("epoch %d loss %.4f %s %.4f", row["epoch"], row["loss"], recipe.train.select_metric,
-                            row.get(recipe.train.select_metric, float("nan")))
+            epoch_log.debug("epoch %d loss %.4f %s %.4f", row["epoch"], row.get("loss", float("nan")),
+                            recipe.train.select_metric, row.get(recipe.train.select_metric, float("nan")))
 
         result = trainer.fit(on_epoch, progress=progress)
     times["train"] = time.perf_counter() - t
 
-    model = CoEmbedder.from_adapters(recipe.anchor, adapters, {m: c.head for m, c in recipe.modalities.items()},
-                                     metadata={"recipe": recipe.name, "temperature": result.temperature,
+    head_configs: dict[str, HeadConfig] = {m: c.head for m, c in recipe.modalities.items()}
+    output_dim = None
+    if isinstance(trainer, Aligner):  # the method decided the heads (and maybe the shared space's dimension)
+        head_configs.update(trainer.head_configs)
+        output_dim = trainer.output_dim
+    model = CoEmbedder.from_adapters(recipe.anchor, adapters, head_configs, output_dim=output_dim,
+                                     metadata={"recipe": recipe.name, "method": recipe.train.method,
+                                               "temperature": result.temperature,
                                                "pairs": [list(p) for p in recipe.pairs]})
     model.heads.load_state_dict(heads.state_dict())
 
@@ -265,7 +285,7 @@ def _train(recipe: Recipe, run_dir: Path | None, progress: bool, world: World) -
         best_epoch=result.best_epoch, epochs_run=len(result.history), select_metric=recipe.train.select_metric,
         validation=result.best_metrics, retrieval=retrieval, zero_shot=zero_shot,
         validation_pairs=result.validation_pairs, validate_every=recipe.train.validate_every,
-        final_loss=result.history[-1]["loss"] if result.history else None, temperature=result.temperature,
+        final_loss=result.history[-1].get("loss") if result.history else None, temperature=result.temperature,
         counts=RunCounts(read=dataset.counts, **record_counts, bad_items=len(bad_rows),
                          bad_by_reason=count_reasons(bad_rows), flagged_items=len(flagged_rows),
                          flagged_by_reason=count_reasons(flagged_rows),

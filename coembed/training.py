@@ -9,6 +9,11 @@ term per step (a smaller pair set is cycled), so image-audio and audio-text
 pairs train together. On CUDA the heads run under bf16 autocast by default
 (``train.autocast``); the loss and the temperature stay in float32.
 
+The options of the loop are small functions here: the loss (``train.loss``,
+:class:`~coembed.losses.PairLoss`), the learning-rate schedule
+(:func:`lr_factor`), latent mixup (:func:`mix_halves`) and label-aware
+positives (:func:`excluded_negatives`).
+
 Model selection is cheap at any scale: each validation (every
 ``train.validate_every`` epochs) ranks a fixed sample of the validation pairs
 (``train.validation_sample``, drawn by group from the seed), and the full
@@ -39,7 +44,7 @@ from coembed.devices import resolve_device
 from coembed.distributed import SINGLE, World, shard_batches
 from coembed.errors import TooFewPairs
 from coembed.extraction import ModalityEmbeddings
-from coembed.losses import LearnableTemperature, info_nce, info_nce_gathered
+from coembed.losses import LearnableTemperature, PairLoss, info_nce_gathered, same_class
 from coembed.metrics import (MEAN_R1, Duplicates, chunk_slices, find_duplicates, lower_is_better, mean_recall_at_1,
                              paired_retrieval, selectable_metrics)
 from coembed.sources import Record
@@ -99,6 +104,8 @@ class PairSet:
     val_duplicates: Duplicates | None = None
     #: the record group of each validation pair (a video, a recording): a validation sample takes groups whole
     val_record_groups: Sequence[str] | None = None
+    #: class of each training pair as an integer (-1: unknown), for label-aware positives (``train.label_positives``)
+    train_labels: torch.Tensor | None = None
     #: the store rows of the training pairs' items, ``(rows of a, rows of b)`` (figures pick pairs by them)
     train_rows: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     #: where the validation vectors are read from when ``val_a``/``val_b`` are not held: the two lookups and the
@@ -139,7 +146,8 @@ class PairSet:
         return PairSet(self.a, self.b, self.train_a.to(device), self.train_b.to(device),
                        None if self.val_a is None else self.val_a.to(device),
                        None if self.val_b is None else self.val_b.to(device), self.val_labels, self.val_duplicates,
-                       self.val_record_groups, self.train_rows, self.val_source, self.train_total)
+                       self.val_record_groups, None if self.train_labels is None else self.train_labels.to(device),
+                       self.train_rows, self.val_source, self.train_total)
 
     def validation(self, positions: np.ndarray | None = None) -> ValidationSet:
         """The validation pairs (those at ``positions``, default all) on the pair set's device."""
@@ -167,6 +175,7 @@ class PairSet:
         """Drop the training pairs' tensors (the final evaluation and the figures need none of them)."""
         self.train_a = self.train_a.new_zeros((0, self.train_a.shape[1]))
         self.train_b = self.train_b.new_zeros((0, self.train_b.shape[1]))
+        self.train_labels = None
 
 
 def sample_by_group(groups: Sequence[str], size: int, seed: int) -> np.ndarray:
@@ -189,7 +198,8 @@ class TrainResult:
     history: list[dict[str, float]]
     best_epoch: int
     best_metrics: dict[str, float]
-    temperature: float
+    #: the kept temperature (``None`` for a method without one)
+    temperature: float | None
     seconds: float
     state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     #: validation pairs model selection ranked, per pair type: ``{"selection": n, "full": n}``
@@ -295,7 +305,21 @@ def evaluate_pairs(heads: nn.ModuleDict, pairs: Sequence[PairSet], chunk_size: i
     return evaluate(heads, [p.validation() for p in pairs], chunk_size, class_level)
 
 
-def _better(metric: str, new: float, old: float | None) -> bool:
+def final_retrieval(heads: nn.ModuleDict, pairs: Sequence[PairSet], sizes: dict[str, dict[str, int]],
+                    best_metrics: dict[str, float], chunk_size: int = 1024) -> dict[str, float]:
+    """Retrieval of ``heads`` on every validation pair, instance and class level, computed once.
+
+    When model selection already ranked every validation pair (``sizes``: ``{"selection": n, "full": n}``
+    by pair type), its instance-level metrics of the kept heads (``best_metrics``) are those, and only
+    the class level is computed here.
+    """
+    full = [p.validation() for p in pairs]
+    if best_metrics and all(s["selection"] == s["full"] for s in sizes.values()):
+        return {**best_metrics, **evaluate(heads, full, chunk_size, class_level=True, instance_level=False)}
+    return evaluate(heads, full, chunk_size, class_level=True)
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
     """Whether epoch value ``new`` replaces the best so far, ``old``.
 
     Until some epoch has a value (no validation pairs: every value is NaN) the
@@ -304,6 +328,61 @@ def _better(metric: str, new: float, old: float | None) -> bool:
     if old is None or math.isnan(old):
         return True
     return new < old if lower_is_better(metric) else new > old
+
+
+# ---------------------------------------------------------------------------------------
+# options of the training loop
+# ---------------------------------------------------------------------------------------
+
+
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """``train.warmup_steps``, or ``train.warmup_fraction`` of ``total_steps``."""
+    return config.warmup_steps or int(round(config.warmup_fraction * total_steps))
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) over ``train.lr``: linear warmup from 0 over
+    ``warmup`` steps (step ``warmup - 1`` reaches the full rate), then constant or a cosine decay that
+    reaches 0 after the last of ``total_steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    decay = max(total_steps - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, decay) / decay))
+
+
+def mix_halves(x_a: torch.Tensor, x_b: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent mixup (FuseMix): pair ``i`` of the first half of a batch mixed with pair ``i`` of the second,
+    ``lam * first + (1 - lam) * second``, with the same ``lam`` on both sides: ``batch // 2`` pairs."""
+    h = x_a.shape[0] // 2
+    return (lam * x_a[:h] + (1.0 - lam) * x_a[h:2 * h], lam * x_b[:h] + (1.0 - lam) * x_b[h:2 * h])
+
+
+def excluded_negatives(labels: torch.Tensor | None, mixed: bool) -> torch.Tensor | None:
+    """The pairs of a batch that are not negatives, for label-aware positives: the same class
+    (:func:`~coembed.losses.same_class`); after mixup, the same classes in both halves mixed."""
+    if labels is None:
+        return None
+    if not mixed:
+        return same_class(labels)
+    h = labels.shape[0] // 2
+    return same_class(labels[:h]) & same_class(labels[h:2 * h])
+
+
+def class_ids(labels: Sequence[str | None]) -> torch.Tensor:
+    """Labels as integers (in order of first appearance); ``None`` is -1."""
+    ids: dict[str, int] = {}
+    return torch.tensor([-1 if x is None else ids.setdefault(x, len(ids)) for x in labels], dtype=torch.long)
+
+
+def distributed_unsupported(config: TrainConfig) -> list[str]:
+    """The options of ``config`` that training on several processes does not support (its gathered loss is the
+    symmetric InfoNCE over the global batch, without mixup or label-aware positives)."""
+    return [f"{key}={value}" for key, value, default in (("train.loss", config.loss, "infonce"),
+                                                         ("train.mixup", config.mixup, 0.0),
+                                                         ("train.label_positives", config.label_positives, False))
+            if value != default]
 
 
 def use_autocast(config: TrainConfig, device: torch.device) -> bool:
@@ -330,17 +409,31 @@ class Trainer:
         self.pairs = [p.to(self.device) for p in pairs]
         t = config.temperature
         self.temperature = LearnableTemperature(t.init, t.learnable, t.min).to(self.device)
+        self.loss = PairLoss(config.loss, config.sigmoid.bias_init, config.sigmoid.learnable_bias).to(self.device)
+        if world.distributed and (unsupported := distributed_unsupported(config)):
+            raise ValueError(f"training on several processes supports the symmetric InfoNCE alone; "
+                             f"this recipe sets {', '.join(unsupported)}")
         world.broadcast_tensors([*self.heads.state_dict().values(), *self.temperature.state_dict().values()])
+        if config.label_positives and all(p.train_labels is None for p in self.pairs):
+            log.warning("train.label_positives: no training pair has a label; every other pair is a negative")
         self.seed = seed
         self.autocast = use_autocast(config, self.device)
         if self.autocast and self.device.type != "cuda":
             log.info("train.autocast on %s: bf16 autocast of the heads on the CPU", self.device)
-        params = [p for p in list(self.heads.parameters()) + list(self.temperature.parameters()) if p.requires_grad]
+        params = [p for p in [*self.heads.parameters(), *self.temperature.parameters(), *self.loss.parameters()]
+                  if p.requires_grad]
         if not any(p.requires_grad for p in self.heads.parameters()):
             raise ValueError("no head has trainable parameters: every pair joins two identity heads")
         opt = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         self._params = params
         self.optimizer = opt(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.steps_per_epoch = max(math.ceil(p.n_train_total / min(config.batch_size, max(p.n_train_total, 1)))
+                                   for p in self.pairs)
+        total = config.epochs * self.steps_per_epoch
+        warmup = warmup_steps(config, total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, total, warmup, config.schedule))
+        self._mixup = torch.distributions.Beta(config.mixup, config.mixup) if config.mixup > 0 else None
         #: what each validation ranks: a fixed sample of every pair type's validation pairs (process 0 only)
         self.selection = [p.validation_sample(config.validation_sample, seed) for p in self.pairs] if world.is_main else []
         self._sizes = world.broadcast_object(
@@ -351,6 +444,15 @@ class Trainer:
     def selection_is_full(self) -> bool:
         """Whether model selection ranked every validation pair (the set was no larger than the sample)."""
         return all(s["selection"] == s["full"] for s in self._sizes.values())
+
+    def _batch(self, p: PairSet, idx: torch.Tensor, lam: float | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The encoder vectors of one step's pairs (mixed with ``lam``) and the pairs that are not negatives."""
+        x_a, x_b = p.train_a[idx], p.train_b[idx]
+        labels = p.train_labels[idx] if self.config.label_positives and p.train_labels is not None else None
+        if lam is not None:
+            x_a, x_b = mix_halves(x_a, x_b, lam)
+        return x_a, x_b, excluded_negatives(labels, mixed=lam is not None)
 
     def _epoch(self, generator: torch.Generator) -> float:
         bs = self.config.batch_size
@@ -371,24 +473,28 @@ class Trainer:
         for step in range(steps):
             loss = torch.zeros((), device=self.device)
             scale = self.temperature()
+            # one mixup lambda per step, shared by every modality and pair type (torch.manual_seed of fit)
+            lam = None if self._mixup is None else float(self._mixup.sample())
             for k, (p, batches, _, n_steps) in enumerate(plans):
                 idx, counts = batches.batch(step % n_steps)  # counts: this batch's pairs on every process
-                if sum(counts) < 2:
+                if sum(counts) < (2 if lam is None else 4):
                     continue
+                x_a, x_b, excluded = self._batch(p, idx, lam)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    za, zb = self.heads[p.a](p.train_a[idx]), self.heads[p.b](p.train_b[idx])
+                    za, zb = self.heads[p.a](x_a), self.heads[p.b](x_b)
                 if self.world.distributed:  # this process's share of the global batch's loss
                     loss = loss + info_nce_gathered(za, zb, scale, lambda x: self.world.gather_rows(x, counts),
                                                     self.world.logsumexp)
-                else:
-                    loss = loss + info_nce(za, zb, scale, self._workspaces[k])  # float32, outside autocast
-                del za, zb  # held by the graph alone, freed with it
+                else:  # float32, outside autocast
+                    loss = loss + self.loss(za, zb, scale, self._workspaces[k], excluded)
+                del za, zb, x_a, x_b  # held by the graph alone, freed with it
             if not loss.requires_grad:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.world.sum_gradients(self._params)
             self.optimizer.step()
+            self.scheduler.step()
             total += loss.detach()
             count += 1
             del loss
@@ -415,7 +521,7 @@ class Trainer:
             validated = epoch % every == 0 or epoch == epochs
             metrics = self._validate() if validated else {}
             row = {"epoch": epoch, "loss": loss, "temperature": self.temperature.temperature,
-                   "seconds": time.perf_counter() - t0, **metrics}
+                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, **metrics}
             history.append(row)
             if on_epoch is not None:
                 on_epoch(row)
@@ -423,7 +529,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 continue
             value = row.get(metric, float("nan"))
-            if _better(metric, value, best_value):
+            if better(metric, value, best_value):
                 best_value, best_epoch, best_metrics, best_state = value, epoch, metrics, self._state()
                 since_best = 0
             else:
@@ -448,10 +554,7 @@ class Trainer:
         best epoch (``best_metrics``) are those, and only the class level is computed here.
         """
         self.selection = []  # the sample's memory, before every validation pair is read
-        full = [p.validation() for p in self.pairs]
-        if self.selection_is_full and best_metrics:
-            return {**best_metrics, **evaluate(self.heads, full, chunk_size, class_level=True, instance_level=False)}
-        return evaluate(self.heads, full, chunk_size, class_level=True)
+        return final_retrieval(self.heads, self.pairs, self._sizes, best_metrics, chunk_size)
 
     def release_training_tensors(self) -> None:
         """Free the training pairs' memory once training is over (the final evaluation needs none of it)."""
@@ -462,11 +565,13 @@ class Trainer:
     def _state(self) -> dict[str, torch.Tensor]:
         state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
         state.update({f"temperature.{k}": v for k, v in self.temperature.state_dict().items()})
+        state.update({f"loss.{k}": v for k, v in self.loss.state_dict().items()})
         return copy.deepcopy({k: v.detach().cpu() for k, v in state.items()})
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
         self.temperature.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith("temperature.")})
+        self.loss.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("loss.")})
 
 
 def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, ModalityEmbeddings],
@@ -488,11 +593,13 @@ def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Modali
         val = align_pairs(dataset.validation, ea.ok_row, eb.ok_row)
         held = world.shard(len(train))
         rows_a, rows_b = np.asarray(train.rows_a, dtype=np.int64)[held], np.asarray(train.rows_b, dtype=np.int64)[held]
+        train_labels = [train.records[i].label for i in held.tolist()]
         pair = PairSet(a, b, vectors_on(ea.lookup, rows_a, device), vectors_on(eb.lookup, rows_b, device),
                        # interned labels and a numpy array of groups: nothing keeps the records' own strings alive
                        val_labels=[None if r.label is None else sys.intern(r.label) for r in val.records],
                        val_duplicates=val.duplicates(a, b),
                        val_record_groups=np.array([r.group for r in val.records], dtype=str),
+                       train_labels=class_ids(train_labels).to(device) if any(train_labels) else None,
                        train_rows=(rows_a, rows_b),
                        val_source=(ea.lookup, eb.lookup, np.asarray(val.rows_a, dtype=np.int64),
                                    np.asarray(val.rows_b, dtype=np.int64)),

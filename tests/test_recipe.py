@@ -39,7 +39,7 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     ("train.epochz=5", "train.epochz", "unknown key"),
     ("train.epochs=-1", "train.epochs", "greater than 0"),
     ("train.optimizer=sgd", "train.optimizer", "'adam' or 'adamw'"),
-    ("modalities.audio.head.type=conv", "modalities.audio.head.type", "'identity', 'linear' or 'mlp'"),
+    ("modalities.audio.head.type=conv", "modalities.audio.head.type", "'identity', 'linear', 'mlp' or 'asif'"),
     ("modalities.audio.weightz=release", "modalities.audio.weightz", "accepts:"),
     ("modalities.audio.adapter=nope", "modalities.audio.adapter", "registered adapters"),
     ("anchor=video", "anchor", "not one of the modalities"),

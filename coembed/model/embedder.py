@@ -90,10 +90,11 @@ class CoEmbedder(nn.Module):
     # -- construction ------------------------------------------------------------
     @classmethod
     def from_adapters(cls, anchor: str, adapters: dict[str, Adapter], heads: dict[str, HeadConfig],
-                      metadata: dict[str, Any] | None = None) -> CoEmbedder:
-        """A model (with freshly initialised heads) around already created adapters."""
+                      metadata: dict[str, Any] | None = None, output_dim: int | None = None) -> CoEmbedder:
+        """A model (with freshly initialised heads) around already created adapters; the shared space has
+        ``output_dim`` dimensions (default: the anchor encoder's)."""
         specs = {m: ModalitySpec.of(a, heads[m]) for m, a in adapters.items()}
-        model = cls(anchor, specs, adapters[anchor].dim, metadata)
+        model = cls(anchor, specs, output_dim or adapters[anchor].dim, metadata)
         model._adapters.update(adapters)
         return model
 

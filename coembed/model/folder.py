@@ -6,7 +6,8 @@ A saved model is a folder (file names in :mod:`coembed.layout`)::
                          modality: adapter key, adapter config (model, weights tag and every
                          other output-changing option), weights identity, encoder
                          fingerprint, input dim, head config
-    heads.safetensors    the heads' weights (``<modality>.<param>``)
+    heads.safetensors    the heads' weights and buffers (``<modality>.<param>``; an ASIF head's
+                         anchor items too)
     README.md            the model card (:mod:`coembed.model.card`)
     recipe.yaml, metrics.json, umap*.png
                          the training record, when the model was saved with one
@@ -74,6 +75,7 @@ class ModelConfig(BaseModel):
     format_version: int
     coembed_version: str
     anchor: str
+    #: the shared space's dimension: the anchor encoder's, unless the anchor has a head too (``cca``, ``asif``)
     output_dim: int = Field(gt=0)
     modalities: dict[str, ModalitySpec]
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -82,9 +84,10 @@ class ModelConfig(BaseModel):
     def _consistent(self) -> ModelConfig:
         if self.anchor not in self.modalities:
             raise ValueError(f"anchor {self.anchor!r} is not one of the modalities {sorted(self.modalities)}")
-        if self.modalities[self.anchor].input_dim != self.output_dim:
-            raise ValueError(f"the anchor's input_dim ({self.modalities[self.anchor].input_dim}) must equal "
-                             f"output_dim ({self.output_dim})")
+        anchor = self.modalities[self.anchor]
+        if anchor.head.type == "identity" and anchor.input_dim != self.output_dim:
+            raise ValueError(f"the anchor's input_dim ({anchor.input_dim}) must equal output_dim "
+                             f"({self.output_dim}) when its head is the identity")
         return self
 
 
