@@ -25,7 +25,7 @@ from coembed.distributed import SINGLE, World, join, leave, shard_batches
 from coembed.heads import IdentityHead, build_head
 from coembed.losses import info_nce, info_nce_gathered
 from coembed.run import train_recipe
-from coembed.training import PairSet, Trainer
+from coembed.training import PairSet, Trainer, distributed_unsupported
 from _toy_adapter import register_toys, toy_recipe
 
 TESTS = Path(__file__).resolve().parent
@@ -179,3 +179,9 @@ def test_coembed_train_under_torchrun_writes_one_run_folder_with_the_heads_of_on
     for key in heads:
         assert torch.allclose(heads[key], expected[key], atol=1e-5), key
     assert yaml.safe_load((run / "recipe.yaml").read_text()) == yaml.safe_load(recipe.to_yaml())
+
+
+def test_several_processes_refuse_the_options_their_gathered_loss_lacks():
+    assert distributed_unsupported(TrainConfig()) == []
+    refused = distributed_unsupported(TrainConfig(loss="sigmoid", mixup=0.4, label_positives=True))
+    assert refused == ["train.loss=sigmoid", "train.mixup=0.4", "train.label_positives=True"]
