@@ -4,10 +4,11 @@ An engine decodes items (``adapter.load``) and runs the encoder
 (``adapter.encode``) over them: the local engine (:class:`LocalEngine`) decodes
 in DataLoader worker processes while the main process encodes batch after
 batch; the Ray engine (:mod:`coembed.ray_extraction`) does both on a Ray
-cluster. Either hands back :class:`EncodedBatch` es, and :func:`extract` alone
-writes them, in the calling process, so keys, shards, reasons and resume are
-the same whichever engine ran. Results go to the store in shards of ``shard_size`` items; a re-run skips every item
-whose key is already stored, so a killed extraction resumes where its last
+cluster. Either hands back batches of results (:class:`EncodedBatch`), and
+:func:`extract` alone writes them, in the calling process, so keys, shards,
+reasons and resume are the same whichever engine ran. Results go to the store
+in shards of ``shard_size`` items; a re-run skips every item whose key is
+already stored, so a killed extraction resumes where its last
 finished shard ended and a second run over the same data calls no encoder.
 Items that cannot be loaded or encode to NaN/inf are stored with their reason
 and never retried until their content changes; items refused by a setting
