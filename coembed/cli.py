@@ -28,7 +28,7 @@ from coembed.recipe import load_recipe
 from coembed.record import read_metrics, write_json, write_metrics
 from coembed.registry import available_adapters, describe_adapters
 from coembed.report import retrieval_tables, write_report
-from coembed.run import train_recipe
+from coembed.run import embed_recipe, train_recipe
 from coembed.version import __version__
 from coembed.zeroshot import run_zero_shot
 
@@ -101,6 +101,39 @@ def train(recipe: Path, overrides: tuple[str, ...], run_dir: Path | None, no_pro
         return
     click.echo(f"best epoch {result.metrics['best_epoch']}: {headline(result.metrics['validation'])}")
     click.echo(f"run folder: {result.run_dir}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+              help="Where the encoders run [default: the recipe's extraction.engine, local unless set].")
+@click.option("--address", default=None, metavar="ADDR",
+              help="The Ray cluster to join, e.g. auto or ray://head:10001 (the Ray engine) [default: "
+                   "extraction.ray.address; none: a local Ray on this machine].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the summary here instead of <output_dir>/<name>-embed-<time>.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def embed(recipe: Path, engine: str | None, address: str | None, overrides: tuple[str, ...], run_dir: Path | None,
+          no_progress: bool) -> None:
+    """Run only the extraction stage of a RECIPE: fill the embedding store, report bad items.
+
+    A later `coembed train` of the recipe reads the filled store and encodes nothing again. Writes
+    recipe.yaml, embed.log, bad_items.jsonl and extraction.json into a folder.
+    """
+    if address is not None and engine == "local":
+        _fail("--address is the Ray cluster to join: it needs --engine ray")
+    extra = [f"extraction.engine={engine or 'ray'}"] if engine or address is not None else []
+    extra += [f"extraction.ray.address={address}"] if address is not None else []
+    try:
+        parsed = load_recipe(recipe, [*overrides, *extra])
+        result = embed_recipe(parsed, run_dir=run_dir, progress=not no_progress)
+    except (RecipeError, AdapterError, TooManyBadItems) as exc:
+        _fail(str(exc))
+    for m, stats in result.summary["extraction"].items():
+        click.echo(f"{m}: {stats['items']} items, {stats['cached']} from the store, {stats['encoded']} encoded, "
+                   f"{stats['bad']} bad")
+    click.echo(f"embed folder: {result.run_dir}")
 
 
 @main.command()

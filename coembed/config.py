@@ -115,11 +115,38 @@ class DataConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+class RayConfig(_Strict):
+    """How the Ray engine (``extraction.engine: ray``) spreads extraction over a Ray cluster (see docs/scale.md)."""
+
+    address: str | None = Field(
+        default=None, description="the Ray cluster to join ('auto', 'ray://head:10001'); null: start a local Ray "
+                                  "on this machine's CPUs and GPUs")
+    decode_batch_size: int = Field(default=32, gt=0, description="items each decoding task loads at once")
+    decode_cpus: float = Field(default=1.0, gt=0.0, description="CPUs each decoding task reserves")
+    encoders: int = Field(default=1, gt=0, description="encoder actors (each loads the model once)")
+    encode_batch_size: int | None = Field(
+        default=None, gt=0, description="items per encoder call (default: extraction.batch_size)")
+    encoder_cpus: float = Field(default=1.0, gt=0.0, description="CPUs each encoder actor reserves")
+    encoder_gpus: float | None = Field(
+        default=None, ge=0.0, description="GPUs each encoder actor reserves (default: 1 when the cluster has GPUs, "
+                                          "else 0; a fraction shares a GPU between actors)")
+    max_retries: int | None = Field(
+        default=None, ge=0, description="times a decoding task or an encoder actor whose process died is retried "
+                                        "(restarted) before the run fails (null: Ray Data's default, without "
+                                        "limit)")
+
+
 class ExtractionConfig(_Strict):
+    engine: Literal["local", "ray"] = Field(
+        default="local", description="local: DataLoader workers on this machine; ray: Ray Data over a cluster "
+                                     "(pip install 'coembed[ray]'), settings in extraction.ray")
     batch_size: int = Field(default=32, gt=0)
-    num_workers: int = Field(default=2, ge=0)
+    num_workers: int = Field(default=2, ge=0, description="DataLoader workers of the local engine")
     shard_size: int = Field(default=4096, gt=0, description="items per store shard (resume granularity)")
-    cache_dir: str | None = Field(default=None, description="embedding store root (default: ~/.cache/coembed/embeddings)")
+    cache_dir: str | None = Field(default=None, description="embedding store root: a folder, or a URI pyarrow opens "
+                                                            "(file://, s3://, ...) (default: "
+                                                            "~/.cache/coembed/embeddings)")
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 class TemperatureConfig(_Strict):

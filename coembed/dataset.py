@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coembed.config import Recipe
-from coembed.layout import store_root
+from coembed.layout import source_cache_dir
 from coembed.registry import input_kinds
 from coembed.sources import BadRecord, Record, Source, SourceContext, build_source, read_source
 
@@ -27,7 +27,8 @@ def source_context(recipe: Recipe, progress: bool = False) -> SourceContext:
     """What the recipe's data source needs to read: columns, input kinds, base folder, seed, cache folder."""
     return SourceContext(columns={m: (cfg.column or m) for m, cfg in recipe.modalities.items()},
                          kinds=modality_kinds(recipe), base_dir=Path(recipe.base_dir), seed=recipe.seed,
-                         cache_dir=store_root(recipe.extraction.cache_dir, recipe.base_dir), progress=progress)
+                         cache_dir=source_cache_dir(recipe.extraction.cache_dir, recipe.base_dir),
+                         progress=progress)
 
 
 def recipe_source(recipe: Recipe, progress: bool = False) -> Source:

@@ -22,7 +22,7 @@ from coembed.bad_items import BadItemRow
 from coembed.config import DataConfig, ExtractionConfig
 from coembed.errors import RecipeError
 from coembed.extraction import extract_with_config
-from coembed.layout import store_root
+from coembed.layout import source_cache_dir
 from coembed.metrics import paired_retrieval
 from coembed.model import CoEmbedder
 from coembed.recipe import source_problems
@@ -53,7 +53,7 @@ class EvaluationData:
         columns = dict(self.columns)
         return SourceContext(columns={m: columns.get(m, m) for m in names},
                              kinds=input_kinds({m: model.specs[m].adapter for m in names}),
-                             base_dir=self.base_dir, cache_dir=store_root(self.extraction.cache_dir, self.base_dir),
+                             base_dir=self.base_dir, cache_dir=source_cache_dir(self.extraction.cache_dir, self.base_dir),
                              progress=progress)
 
     def read(self, model: CoEmbedder, modalities: Sequence[str], progress: bool = False) -> SourceRead:

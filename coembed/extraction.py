@@ -1,9 +1,14 @@
 """Extraction: frozen encoders over records, into the embedding store.
 
-Items are decoded in DataLoader worker processes (``adapter.load``) while the
-main process runs the encoder (``adapter.encode``) batch after batch. Results
-go to the store in shards of ``shard_size`` items; a re-run skips every item
-whose key is already stored, so a killed extraction resumes where its last
+An engine decodes items (``adapter.load``) and runs the encoder
+(``adapter.encode``) over them: the local engine (:class:`LocalEngine`) decodes
+in DataLoader worker processes while the main process encodes batch after
+batch; the Ray engine (:mod:`coembed.ray_extraction`) does both on a Ray
+cluster. Either hands back batches of results (:class:`EncodedBatch`), and
+:func:`extract` alone writes them, in the calling process, so keys, shards,
+reasons and resume are the same whichever engine ran. Results go to the store
+in shards of ``shard_size`` items; a re-run skips every item whose key is
+already stored, so a killed extraction resumes where its last
 finished shard ended and a second run over the same data calls no encoder.
 Items that cannot be loaded or encode to NaN/inf are stored with their reason
 and never retried until their content changes; items refused by a setting
@@ -26,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -91,13 +96,90 @@ class ExtractionStats:
 
 
 def extract_with_config(adapter: Adapter, ids: Sequence[str], items: Sequence[Any], extraction: ExtractionConfig,
-                        data: DataConfig, base_dir: str | Path = ".", progress: bool = True
-                        ) -> tuple[Lookup, ExtractionStats]:
-    """:func:`extract` with a recipe's (or an evaluation's) store, extraction settings and item checks."""
+                        data: DataConfig, base_dir: str | Path = ".", progress: bool = True,
+                        engine: ExtractionEngine | None = None) -> tuple[Lookup, ExtractionStats]:
+    """:func:`extract` with a recipe's (or an evaluation's) store, extraction settings and item checks.
+
+    ``engine`` defaults to the local one with the settings' batch size and workers.
+    """
     checks = ItemChecks(data.max_image_pixels, data.silence_db, data.silent_audio == "drop")
     return extract(adapter, ids, items, store_root(extraction.cache_dir, base_dir), batch_size=extraction.batch_size,
                    num_workers=extraction.num_workers, shard_size=extraction.shard_size, progress=progress,
-                   checks=checks)
+                   checks=checks, engine=engine)
+
+
+# ---------------------------------------------------------------------------------------
+# one item loaded, one batch encoded: the steps every engine runs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unloadable:
+    """Why an item could not be loaded; ``stored``: the reason goes into the store (False: a setting refused the
+    item, :class:`~coembed.errors.OverLimit`, so it is reported but tried again on the next run)."""
+
+    reason: str
+    stored: bool
+
+
+def load_item(adapter: Adapter, item: Any, max_image_pixels: int | None) -> tuple[Any, dict[str, float]] | Unloadable:
+    """``adapter.load`` of one raw item and what decoding measured, or why it failed (never an exception)."""
+    try:
+        with decoding(max_image_pixels) as notes:
+            return adapter.load(item), notes
+    except OverLimit as exc:
+        return Unloadable(safe_text(str(exc)), stored=False)
+    except BadItem as exc:
+        return Unloadable(safe_text(str(exc)), stored=True)
+    except Exception as exc:  # an unexpected decoder error is still one bad item
+        return Unloadable(safe_text(f"{type(exc).__name__}: {exc}"), stored=True)
+
+
+def encode_checked(adapter: Adapter, batch: Any, n: int,
+                   one: Callable[[int], Any]) -> tuple[np.ndarray, list[str | None]]:
+    """``adapter.encode`` of a collated batch of ``n`` loaded items: ``[n, dim]`` vectors and a reason per item
+    (``None``: good). A batch that fails is encoded again item by item (``one(k)``: the ``k``-th item's loaded
+    value); an item that fails alone, or encodes to NaN/inf, gets a reason and a zero vector."""
+    try:
+        vectors = adapter.encode(batch).numpy()
+        errs: list[str | None] = [None] * n
+    except Exception as exc:  # one failing batch: retry its items one by one
+        log.warning("batch of %s failed to encode (%s); retrying item by item", adapter.modality, exc)
+        vectors = np.zeros((n, adapter.dim), dtype=np.float32)
+        errs = []
+        for k in range(n):
+            try:
+                vectors[k] = adapter.encode(adapter.collate([one(k)])).numpy()[0]
+                errs.append(None)
+            except Exception as item_exc:
+                errs.append(f"encoder failed: {type(item_exc).__name__}: {item_exc}")
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        errs = [e if e is not None or ok else "encoder produced NaN or infinite values" for e, ok in zip(errs, finite)]
+    failed = np.array([e is not None for e in errs])
+    if failed.any():
+        vectors = np.where(failed[:, None], 0.0, vectors).astype(np.float32)
+    return vectors, errs
+
+
+@dataclass
+class EncodedBatch:
+    """What an engine hands back for some items of the work list (positions in it, not record indices)."""
+
+    rows: list[int]                        # items to store, in this order
+    vectors: np.ndarray                    # [len(rows), dim] float32; zeros where an error
+    errors: list[str | None]               # per row: the reason (None: good)
+    notes: list[dict[str, float] | None]   # per row: what decoding measured
+    refused: dict[int, str]                # items refused by a setting: reported, not stored
+    encoded: int                           # items the encoder ran on
+
+
+class ExtractionEngine(Protocol):
+    """Decodes and encodes a work list of raw items; :func:`extract` writes what it yields."""
+
+    def batches(self, adapter: Adapter, work: Sequence[Any], checks: ItemChecks) -> Iterator[EncodedBatch]:
+        """Every item of ``work`` exactly once, over all the batches yielded (in any order)."""
+        ...
 
 
 @dataclass
@@ -124,7 +206,7 @@ class _LoadItems(TorchDataset):
         return len(self.items)
 
     def load(self, index: int) -> tuple[Any, dict[str, float]]:
-        """``adapter.load`` of one item and the measurements taken while decoding it."""
+        """``adapter.load`` of one item and the measurements taken while decoding it (raises when it fails)."""
         with decoding(self.max_image_pixels) as notes:
             return self.adapter.load(self.items[index]), notes
 
@@ -136,18 +218,13 @@ class _LoadItems(TorchDataset):
         loaded = _Loaded([], None, [], [])
         values = []
         for index in indices:
-            try:
-                value, notes = self.load(index)
-            except OverLimit as exc:
-                loaded.bad.append((index, safe_text(str(exc)), False))
-            except BadItem as exc:
-                loaded.bad.append((index, safe_text(str(exc)), True))
-            except Exception as exc:  # an unexpected decoder error is still one bad item
-                loaded.bad.append((index, safe_text(f"{type(exc).__name__}: {exc}"), True))
+            outcome = load_item(self.adapter, self.items[index], self.max_image_pixels)
+            if isinstance(outcome, Unloadable):
+                loaded.bad.append((index, outcome.reason, outcome.stored))
             else:
                 loaded.good.append(index)
-                values.append(value)
-                loaded.notes.append(notes)
+                values.append(outcome[0])
+                loaded.notes.append(outcome[1])
         if values:
             loaded.batch = self.adapter.collate(values)
             if self.in_workers:
@@ -232,6 +309,38 @@ class _ShardBuffer:
         self.size -= n
 
 
+class LocalEngine:
+    """Items decoded in DataLoader worker processes on this machine, encoded batch after batch in this process."""
+
+    def __init__(self, batch_size: int = 32, num_workers: int = 0) -> None:
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def batches(self, adapter: Adapter, work: Sequence[Any], checks: ItemChecks) -> Iterator[EncodedBatch]:
+        num_workers = usable_workers(self.num_workers)
+        loader = DataLoader(
+            _LoadItems(adapter, work, checks.max_image_pixels, in_workers=num_workers > 0),
+            batch_size=self.batch_size,
+            num_workers=num_workers,
+            collate_fn=_as_loaded,
+            persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        for loaded in loader:
+            vectors, errs = np.zeros((0, adapter.dim), dtype=np.float32), []
+            if loaded.good:
+                vectors, errs = encode_checked(adapter, _from_wire(loaded.batch), len(loaded.good),
+                                               lambda k: loader.dataset.load(loaded.good[k])[0])
+            stored = [(j, err) for j, err, store_it in loaded.bad if store_it]
+            yield EncodedBatch(
+                rows=loaded.good + [j for j, _ in stored],
+                vectors=np.concatenate([vectors, np.zeros((len(stored), adapter.dim), dtype=np.float32)]),
+                errors=errs + [err for _, err in stored],
+                notes=list(loaded.notes) + [None] * len(stored),
+                refused={j: err for j, err, store_it in loaded.bad if not store_it},
+                encoded=len(loaded.good))
+
+
 def extract(
     adapter: Adapter,
     ids: Sequence[str],
@@ -243,15 +352,20 @@ def extract(
     shard_size: int = 4096,
     progress: bool = True,
     checks: ItemChecks | None = None,
+    engine: ExtractionEngine | None = None,
 ) -> tuple[Lookup, ExtractionStats]:
     """Encode ``items`` (raw inputs of ``adapter.modality``, one per id) into the store.
 
     Returns what the store holds for all items, in order (cached and new alike),
     and statistics of the work done. ``checks`` sets the pixel limit and what
     happens to silent audio (flagged in ``Lookup.flags``, or made an error).
-    ``store_root`` is a folder or a URI :mod:`pyarrow.fs` opens.
+    ``store_root`` is a folder or a URI :mod:`pyarrow.fs` opens. Only the items
+    the store lacks go to the ``engine`` (default: :class:`LocalEngine` with
+    ``batch_size`` and ``num_workers``); what it hands back is written here, in
+    shards of ``shard_size`` items.
     """
     checks = checks or ItemChecks()
+    engine = engine or LocalEngine(batch_size, num_workers)
     store = EmbeddingStore(store_root, adapter.fingerprint, adapter.dim,
                            meta={"adapter": adapter.key(), "config": adapter.config()})
     store.clean_partial()
@@ -261,43 +375,16 @@ def extract(
     start = time.perf_counter()
     refused: dict[int, str] = {}  # item index -> reason not stored (a setting refused the item)
     if len(todo):
-        num_workers = usable_workers(num_workers)
-        work = [items[n] for n in todo]
-        loader = DataLoader(
-            _LoadItems(adapter, work, checks.max_image_pixels, in_workers=num_workers > 0),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_as_loaded,
-            persistent_workers=False,
-            prefetch_factor=4 if num_workers > 0 else None,
-        )
         buffer = _ShardBuffer(store, keys, ids, shard_size)
-        zero = np.zeros((1, adapter.dim), dtype=np.float32)
         bar = tqdm(total=len(todo), desc=f"encode {adapter.modality} ({adapter.key()})", unit="item",
                    disable=not progress, dynamic_ncols=True)
         with bar:
-            for loaded in loader:
-                if loaded.good:
-                    try:
-                        vectors = adapter.encode(_from_wire(loaded.batch)).numpy()
-                        errs: list[str | None] = [None] * len(loaded.good)
-                    except Exception as exc:  # one failing batch: retry its items one by one
-                        vectors, errs = _encode_one_by_one(adapter, loader.dataset, loaded.good, exc)
-                    stats.encoded += len(loaded.good)
-                    finite = np.isfinite(vectors).all(axis=1)
-                    if not finite.all():
-                        errs = [e if e is not None or ok else "encoder produced NaN or infinite values"
-                                for e, ok in zip(errs, finite)]
-                    failed = np.array([e is not None for e in errs])
-                    if failed.any():
-                        vectors = np.where(failed[:, None], 0.0, vectors).astype(np.float32)
-                    buffer.add(todo[loaded.good], vectors, errs, list(loaded.notes))
-                stored = [(j, err) for j, err, store_it in loaded.bad if store_it]
-                if stored:
-                    buffer.add(todo[[j for j, _ in stored]], np.repeat(zero, len(stored), axis=0),
-                               [err for _, err in stored], [None] * len(stored))
-                refused.update({int(todo[j]): err for j, err, store_it in loaded.bad if not store_it})
-                bar.update(len(loaded.good) + len(loaded.bad))
+            for batch in engine.batches(adapter, [items[n] for n in todo], checks):
+                stats.encoded += batch.encoded
+                if batch.rows:
+                    buffer.add(todo[batch.rows], batch.vectors, batch.errors, batch.notes)
+                refused.update({int(todo[j]): err for j, err in batch.refused.items()})
+                bar.update(len(batch.rows) + len(batch.refused))
             buffer.flush()
     stats.seconds = time.perf_counter() - start
     result = store.lookup(keys)
@@ -342,21 +429,6 @@ def _flag_short_audio(result: Lookup) -> None:
         result.flags[i] = f"{result.flags[i]}; {reason}" if i in result.flags else reason
 
 
-def _encode_one_by_one(adapter: Adapter, dataset: _LoadItems, good: list[int],
-                       exc: Exception) -> tuple[np.ndarray, list[str | None]]:
-    log.warning("batch of %s failed to encode (%s); retrying item by item", adapter.modality, exc)
-    vectors = np.zeros((len(good), adapter.dim), dtype=np.float32)
-    errs: list[str | None] = []
-    for n, j in enumerate(good):
-        try:
-            vectors[n] = adapter.encode(adapter.collate([dataset.load(j)[0]])).numpy()[0]
-            errs.append(None)
-        except Exception as item_exc:
-            errs.append(f"encoder failed: {type(item_exc).__name__}: {item_exc}")
-    return vectors, errs
-
-
-
 # ---------------------------------------------------------------------------------------
 # a recipe's data set, every trained modality
 # ---------------------------------------------------------------------------------------
@@ -387,18 +459,19 @@ class ModalityEmbeddings:
         return self.lookup.flagged_rows(self.ids, self.modality)
 
 
-def extract_dataset(recipe: Recipe, adapters: dict[str, Adapter], dataset: Dataset,
-                    progress: bool = True) -> dict[str, ModalityEmbeddings]:
-    """Every trained modality of the recipe over the records holding an item of it, through the store."""
+def extract_dataset(recipe: Recipe, adapters: dict[str, Adapter], dataset: Dataset, progress: bool = True,
+                    engine: ExtractionEngine | None = None) -> dict[str, ModalityEmbeddings]:
+    """Every trained modality of the recipe over the records holding an item of it, through the store
+    (``engine``: default, the local one)."""
     root = store_root(recipe.extraction.cache_dir, recipe.base_dir)
     out: dict[str, ModalityEmbeddings] = {}
     for m in recipe.trained_modalities():
         records = [r for r in dataset.records if m in r.items]
-        log.info("extracting %d %s items with %s (store %s)", len(records), m, adapters[m].key(),
-                 root / adapters[m].fingerprint)
+        log.info("extracting %d %s items with %s (store %s/%s)", len(records), m, adapters[m].key(), root,
+                 adapters[m].fingerprint)
         ids = [r.id for r in records]
         lookup, stats = extract_with_config(adapters[m], ids, [r.items[m] for r in records], recipe.extraction,
-                                            recipe.data, recipe.base_dir, progress)
+                                            recipe.data, recipe.base_dir, progress, engine)
         log.info("%s: %d items, %d from the store, %d encoded in %.1fs (%.1f items/s), %d bad",
                  m, stats.items, stats.cached, stats.encoded, stats.seconds, stats.items_per_second, stats.bad)
         out[m] = ModalityEmbeddings(m, ids, lookup, stats)

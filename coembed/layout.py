@@ -17,6 +17,12 @@ Every file name of those folders is spelled here and nowhere else::
         embeddings/figure_sample.safetensors      FIGURE_SAMPLE
         model/                       MODEL_DIR: a model folder
 
+    <run>/                           written by ``coembed embed`` (the extraction stage alone)
+        recipe.yaml                  RECIPE
+        embed.log                    EMBED_LOG
+        bad_items.jsonl              BAD_ITEMS
+        extraction.json              EXTRACTION_SUMMARY
+
     <model>/
         config.json                  MODEL_CONFIG
         heads.safetensors            MODEL_WEIGHTS
@@ -47,6 +53,8 @@ TRAINING_CURVE = "training-curve.png"
 FIGURE_GLOB = "umap*.png"
 FIGURE_SAMPLE = "embeddings/figure_sample.safetensors"
 MODEL_DIR = "model"
+EMBED_LOG = "embed.log"
+EXTRACTION_SUMMARY = "extraction.json"
 
 # -- a model folder --------------------------------------------------------------------
 MODEL_CONFIG = "config.json"
@@ -76,12 +84,22 @@ ZERO_SHOT_GLOB = zero_shot_file("*")
 RETRIEVAL_GLOB = retrieval_file("*")
 
 
-def store_root(cache_dir: str | None, base_dir: str | Path = ".") -> Path:
-    """The embedding store folder: ``cache_dir`` (relative to ``base_dir``), or :data:`DEFAULT_CACHE_DIR`."""
+def store_root(cache_dir: str | None, base_dir: str | Path = ".") -> Path | str:
+    """The embedding store root: ``cache_dir`` (a folder relative to ``base_dir``, or a URI such as
+    ``file:///data/store`` or ``s3://bucket/store``, kept as it is), or :data:`DEFAULT_CACHE_DIR`."""
     if not cache_dir:
         return DEFAULT_CACHE_DIR
+    if "://" in cache_dir:
+        return cache_dir
     path = Path(cache_dir).expanduser()
     return path if path.is_absolute() else Path(base_dir) / path
+
+
+def source_cache_dir(cache_dir: str | None, base_dir: str | Path = ".") -> Path | None:
+    """Where data sources keep their small caches (video probes): the store root when it is a local folder,
+    else ``None`` (no such cache beside a store behind a URI)."""
+    root = store_root(cache_dir, base_dir)
+    return root if isinstance(root, Path) else None
 
 
 # -- finding folders -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``coembed train``: a recipe, end to end, into a run folder.
+"""``coembed train``: a recipe, end to end, into a run folder; ``coembed embed``: its extraction stage alone.
 
 The stages, in order:
 
@@ -29,12 +29,22 @@ A run folder holds (names in :mod:`coembed.layout`)::
     report.md          the run on one page, with its figures:
                        training-curve.png, umap-*.png, zeroshot-<name>.json + -confusion.png
     embeddings/        figure_sample.safetensors: what ``coembed plot`` redraws from
+
+``coembed embed`` runs stages 2 and 3 only (the store filled, nothing trained) into a folder holding
+``recipe.yaml``, ``embed.log``, ``bad_items.jsonl`` and ``extraction.json`` (what each modality's extraction did);
+a later ``coembed train`` of the same recipe finds every item in the store and encodes nothing.
+
+The extraction engine is the recipe's ``extraction.engine``: :class:`~coembed.extraction.LocalEngine`, or the Ray
+engine, whose module (:mod:`coembed.ray_extraction`, the only one that imports Ray) is imported by name in
+:func:`extraction_engine` when a recipe asks for it, so that Ray stays an optional extra.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,11 +56,11 @@ import torch
 from coembed import layout
 from coembed.alignment import Aligner
 from coembed.bad_items import check_bad_fraction, check_pair_fraction, count_reasons
-from coembed.config import HeadConfig, Recipe
+from coembed.config import ExtractionConfig, HeadConfig, Recipe
 from coembed.dataset import Dataset, load_dataset
 from coembed.distributed import SINGLE, World, join, leave
 from coembed.errors import AdapterError, RecipeError, TooManyBadItems
-from coembed.extraction import ModalityEmbeddings, extract_dataset
+from coembed.extraction import ExtractionEngine, LocalEngine, ModalityEmbeddings, extract_dataset
 from coembed.heads import build_head
 from coembed.memory import release_freed_memory, steady_large_blocks
 from coembed.metrics import headline
@@ -58,7 +68,7 @@ from coembed.model import CoEmbedder
 from coembed.model.card import write_model_card
 from coembed.model.folder import copy_record
 from coembed.plots import build_figure_sample, draw_run_figures, plot_zero_shot
-from coembed.record import RunCounts, RunMetrics, write_jsonl, write_jsonl_row, write_metrics
+from coembed.record import RunCounts, RunMetrics, write_json, write_jsonl, write_jsonl_row, write_metrics
 from coembed.registry import Adapter, create_adapter
 from coembed.report import write_report
 from coembed.training import PairSet, Trainer, build_pair_sets
@@ -77,10 +87,11 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def make_run_dir(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
+def make_run_dir(recipe: Recipe, run_dir: str | Path | None = None, kind: str = "") -> Path:
+    """``run_dir``, or a new ``<output_dir>/<name>[-<kind>]-<time>`` folder."""
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = recipe.resolve_path(recipe.output_dir) / f"{recipe.name}-{stamp}"
+        base = recipe.resolve_path(recipe.output_dir) / f"{recipe.name}{'-' + kind if kind else ''}-{stamp}"
         run_dir, n = base, 1
         while run_dir.exists():
             n += 1
@@ -90,8 +101,8 @@ def make_run_dir(recipe: Recipe, run_dir: str | Path | None = None) -> Path:
     return run_dir
 
 
-def _attach_log_file(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / layout.TRAIN_LOG, encoding="utf-8")
+def _attach_log_file(run_dir: Path, name: str = layout.TRAIN_LOG) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / name, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("coembed").addHandler(handler)
     logging.getLogger("coembed").setLevel(logging.DEBUG)
@@ -136,22 +147,34 @@ def bad_item_rows(dataset: Dataset, embedded: dict[str, ModalityEmbeddings]) -> 
     return rows
 
 
-def format_summary(metrics: RunMetrics) -> str:
-    """The end-of-run block: what was read, pairs made, bad items by reason, time per stage."""
-    counts = metrics.counts
-    read = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.read.items())
-    lines = ["summary", f"  read        {read}"]
-    for m, stats in metrics.extraction.items():
+def extraction_lines(read: dict[str, int], extraction: dict[str, dict[str, Any]]) -> list[str]:
+    """What was read and, per modality, what its extraction did (a block of the end-of-run summary)."""
+    lines = ["  read        " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in read.items())]
+    for m, stats in extraction.items():
         lines.append(f"  {m:<11} {stats['items']} items: {stats['cached']} from the store, {stats['encoded']} "
                      f"encoded ({stats['encoded'] / stats['seconds'] if stats['seconds'] else 0:.1f}/s), "
                      f"{stats['bad']} bad, {stats['flagged']} flagged")
+    return lines
+
+
+def bad_item_lines(n_bad: int, bad_by_reason: dict[str, int], n_flagged: int,
+                   flagged_by_reason: dict[str, int]) -> list[str]:
+    """Bad and flagged items by reason (a block of the end-of-run summary)."""
+    lines = [f"  bad items   {n_bad}" + "".join(
+        f"\n    {n:>6}  {reason}" for reason, n in sorted(bad_by_reason.items(), key=lambda kv: -kv[1]))]
+    if n_flagged:
+        lines.append(f"  flagged     {n_flagged} (kept)" + "".join(
+            f"\n    {n:>6}  {reason}" for reason, n in sorted(flagged_by_reason.items())))
+    return lines
+
+
+def format_summary(metrics: RunMetrics) -> str:
+    """The end-of-run block: what was read, pairs made, bad items by reason, time per stage."""
+    counts = metrics.counts
+    lines = ["summary", *extraction_lines(counts.read, metrics.extraction)]
     lines.append("  pairs       " + ", ".join(f"{name}: {p.train} train + {p.validation} validation"
                                            for name, p in counts.pairs.items()))
-    lines.append(f"  bad items   {counts.bad_items}" + "".join(
-        f"\n    {n:>6}  {reason}" for reason, n in sorted(counts.bad_by_reason.items(), key=lambda kv: -kv[1])))
-    if counts.flagged_items:
-        lines.append(f"  flagged     {counts.flagged_items} (kept)" + "".join(
-            f"\n    {n:>6}  {reason}" for reason, n in sorted(counts.flagged_by_reason.items())))
+    lines += bad_item_lines(counts.bad_items, counts.bad_by_reason, counts.flagged_items, counts.flagged_by_reason)
     lines.append("  seconds     " + ", ".join(f"{stage} {sec:.1f}" for stage, sec in metrics.seconds.items()))
     return "\n".join(lines)
 
@@ -179,26 +202,30 @@ def train_recipe(recipe: Recipe, run_dir: str | Path | None = None, progress: bo
         leave(world)
 
 
-def _train(recipe: Recipe, run_dir: Path | None, progress: bool, world: World) -> RunResult | None:
-    """The stages; ``run_dir`` is ``None`` on every process but 0, which writes nothing."""
-    times: dict[str, float] = {}
-    if run_dir is not None:
-        (run_dir / layout.RECIPE).write_text(recipe.to_yaml())
-        log.info("run folder %s", run_dir)
-    torch.manual_seed(recipe.seed)
-    np.random.seed(recipe.seed)
+def extraction_engine(extraction: ExtractionConfig) -> AbstractContextManager[ExtractionEngine]:
+    """The engine ``extraction.engine`` names, as a context (the Ray engine joins or starts Ray on entering it).
 
-    # 1. encoders and heads: a missing download or a head that cannot map its encoder stops the run before any work
-    t = time.perf_counter()
-    adapters = build_adapters(recipe)
-    if world.is_main:  # process 0 alone encodes
-        for m in recipe.trained_modalities():
-            adapters[m].model
-    times["load_encoders"] = time.perf_counter() - t
-    heads = build_heads(recipe, adapters)
-    if not world.is_main:
-        world.wait_for_main()  # process 0 reads the source and fills the store; then this one reads both
+    The Ray engine's module is imported here by name, the one place that loads it: only a recipe that asks for
+    Ray needs it installed (:class:`RecipeError` otherwise, before any work).
+    """
+    if extraction.engine == "local":
+        return nullcontext(LocalEngine(extraction.batch_size, extraction.num_workers))
+    try:
+        ray_extraction = importlib.import_module("coembed.ray_extraction")
+    except ImportError as exc:
+        raise RecipeError(f"extraction.engine: ray needs Ray installed: pip install 'coembed[ray]' ({exc})") from None
+    engine: AbstractContextManager[ExtractionEngine] = ray_extraction.RayEngine(extraction.ray,
+                                                                                 extraction.batch_size)
+    return engine
 
+
+def read_and_extract(recipe: Recipe, adapters: dict[str, Adapter], run_dir: Path | None, times: dict[str, float],
+                     engine: AbstractContextManager[ExtractionEngine], progress: bool = True, world: World = SINGLE,
+                     ) -> tuple[Dataset, dict[str, ModalityEmbeddings], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Stages 2 and 3: the source read and split, every trained modality extracted through the store with
+    ``engine``; ``bad_items.jsonl`` written into ``run_dir`` (``None``: nothing written) and the bad-fraction
+    rule applied after each; under several processes, process 0 releases the others once the store is complete.
+    Returns the data set, the embeddings, the bad rows and the flagged rows."""
     # 2. data
     t = time.perf_counter()
     dataset = load_dataset(recipe, progress=progress)
@@ -215,7 +242,8 @@ def _train(recipe: Recipe, run_dir: Path | None, progress: bool, world: World) -
 
     # 3. extraction
     t = time.perf_counter()
-    embedded = extract_dataset(recipe, adapters, dataset, progress)
+    with engine as running:
+        embedded = extract_dataset(recipe, adapters, dataset, progress, running)
     times["extract"] = time.perf_counter() - t
     if world.is_main:
         world.wait_for_main()  # the store is complete: the other processes read it now
@@ -226,6 +254,35 @@ def _train(recipe: Recipe, run_dir: Path | None, progress: bool, world: World) -
         write_jsonl(run_dir / layout.BAD_ITEMS, bad_rows + flagged_rows)
     check_bad_fraction(bad_rows, {m: e.stats.items - e.stats.bad for m, e in embedded.items()},
                        recipe.data.max_bad_fraction)
+    return dataset, embedded, bad_rows, flagged_rows
+
+
+def _train(recipe: Recipe, run_dir: Path | None, progress: bool, world: World) -> RunResult | None:
+    """The stages; ``run_dir`` is ``None`` on every process but 0, which writes nothing."""
+    times: dict[str, float] = {}
+    if run_dir is not None:
+        (run_dir / layout.RECIPE).write_text(recipe.to_yaml())
+        log.info("run folder %s", run_dir)
+    torch.manual_seed(recipe.seed)
+    np.random.seed(recipe.seed)
+
+    # 1. encoders and heads: a missing download or a head that cannot map its encoder stops the run before any work
+    t = time.perf_counter()
+    # process 0 alone encodes; the others find every item in the store
+    engine = extraction_engine(recipe.extraction if world.is_main else
+                               recipe.extraction.model_copy(update={"engine": "local", "num_workers": 0}))
+    adapters = build_adapters(recipe)
+    if world.is_main:
+        for m in recipe.trained_modalities():
+            adapters[m].model
+    times["load_encoders"] = time.perf_counter() - t
+    heads = build_heads(recipe, adapters)
+    if not world.is_main:
+        world.wait_for_main()  # process 0 reads the source and fills the store; then this one reads both
+
+    # 2. data and 3. extraction
+    dataset, embedded, bad_rows, flagged_rows = read_and_extract(recipe, adapters, run_dir, times, engine, progress,
+                                                                 world)
 
     # 4. training
     pairs = build_pair_sets(recipe, dataset, embedded, world=world)
@@ -302,6 +359,58 @@ def _train(recipe: Recipe, run_dir: Path | None, progress: bool, world: World) -
     publish_run(recipe, run_dir, model, model_dir)
     log.info("wrote %s", run_dir)
     return RunResult(run_dir, model, metrics.model_dump(mode="json"), result.history)
+
+
+@dataclass
+class EmbedResult:
+    run_dir: Path
+    #: what ``extraction.json`` holds: per modality extraction statistics, counts, timings
+    summary: dict[str, Any]
+
+
+def embed_recipe(recipe: Recipe, run_dir: str | Path | None = None, progress: bool = True) -> EmbedResult:
+    """``coembed embed``: the extraction stage of ``recipe`` alone, with ``extraction.engine``.
+
+    Fills the embedding store and writes a folder (``<output_dir>/<name>-embed-<time>`` unless ``run_dir``) with
+    the recipe, ``embed.log``, ``bad_items.jsonl`` and ``extraction.json``. With the Ray engine the encoders load in
+    the cluster's actors only, never in this process.
+    """
+    run_dir = make_run_dir(recipe, run_dir, kind="embed")
+    handler = _attach_log_file(run_dir, layout.EMBED_LOG)
+    try:
+        return _embed(recipe, run_dir, progress)
+    finally:
+        logging.getLogger("coembed").removeHandler(handler)
+        handler.close()
+
+
+def _embed(recipe: Recipe, run_dir: Path, progress: bool) -> EmbedResult:
+    times: dict[str, float] = {}
+    (run_dir / layout.RECIPE).write_text(recipe.to_yaml())
+    log.info("embed folder %s", run_dir)
+    t = time.perf_counter()
+    engine = extraction_engine(recipe.extraction)
+    adapters = build_adapters(recipe)
+    if recipe.extraction.engine == "local":  # a missing download stops the run before any work
+        for m in recipe.trained_modalities():
+            adapters[m].model
+    times["load_encoders"] = time.perf_counter() - t
+    dataset, embedded, bad_rows, flagged_rows = read_and_extract(recipe, adapters, run_dir, times, engine, progress)
+    summary = {
+        "engine": recipe.extraction.engine,
+        "counts": {"read": dataset.counts, "records": len(dataset.records), "bad_items": len(bad_rows),
+                   "bad_by_reason": count_reasons(bad_rows), "flagged_items": len(flagged_rows),
+                   "flagged_by_reason": count_reasons(flagged_rows)},
+        "extraction": {m: asdict(e.stats) for m, e in embedded.items()},
+        "seconds": {**times, "total": sum(times.values())},
+    }
+    write_json(run_dir / layout.EXTRACTION_SUMMARY, summary)
+    counts = summary["counts"]
+    log.info("%s", "\n".join(["summary", *extraction_lines(dataset.counts, summary["extraction"]),
+                               *bad_item_lines(len(bad_rows), counts["bad_by_reason"], len(flagged_rows),
+                                               counts["flagged_by_reason"])]))
+    log.info("wrote %s", run_dir)
+    return EmbedResult(run_dir, summary)
 
 
 def run_recipe_zero_shot(recipe: Recipe, model: CoEmbedder, run_dir: Path,

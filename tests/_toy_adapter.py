@@ -87,16 +87,18 @@ class CountingOptions(AdapterOptions):
     dim: int = 4
     log: str | None = None     # file each encoded number is appended to
     delay: float = 0.0         # seconds of sleep per encoded batch
+    die_at: int | None = None  # the encoding process exits (as if killed) on the batch holding this number ...
+    die_once: str | None = None  # ... the first time only: this file marks that it has died
 
 
 class CountingAdapter(Adapter):
-    """``"item-<n>"`` -> a vector made from n; logs what it encodes."""
+    """``"item-<n>"`` -> a vector made from n; logs what it encodes; can die once, as a killed process does."""
 
     modality = "toy"
     name = "counting"
     raw_input = "text"
     Options = CountingOptions
-    runtime_options = frozenset({"device", "log", "delay"})
+    runtime_options = frozenset({"device", "log", "delay", "die_at", "die_once"})
 
     @property
     def dim(self) -> int:
@@ -111,6 +113,10 @@ class CountingAdapter(Adapter):
         return torch.tensor([float(item.split("-", 1)[1])])
 
     def _encode(self, batch: torch.Tensor) -> torch.Tensor:
+        numbers = batch[:, 0].tolist()
+        if self.options.die_at in numbers and self.options.die_once and not os.path.exists(self.options.die_once):
+            Path(self.options.die_once).touch()
+            os._exit(1)
         if self.options.log:
             with open(self.options.log, "a", encoding="utf-8") as fh:
                 fh.write("".join(f"{int(v)}\n" for v in batch[:, 0].tolist()))
