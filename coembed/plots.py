@@ -280,7 +280,7 @@ def plot_history(history: list[dict[str, float]], select_metric: str, path: Path
     fig = _figure(10.0, 4.0)
     loss_ax, val_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, _series(history, "loss"), color="tab:blue", marker="." if len(epochs) < 40 else None)
-    loss_ax.set_title("training loss (InfoNCE, summed over pair types)", fontsize=10)
+    loss_ax.set_title("training loss (summed over pair types)", fontsize=10)
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss")
     keys = [k for k in history[0] if (p := MetricKey.parse(k)) is not None and not p.level and not p.chance

@@ -99,12 +99,16 @@ def _section_data(record: RunRecord) -> list[str]:
 def _section_training(record: RunRecord) -> list[str]:
     metrics, recipe = record.metrics, record.recipe
     lines = ["## Training", ""]
-    if (record.folder / layout.TRAINING_CURVE).is_file():
-        lines += [f"![training curve]({layout.TRAINING_CURVE})", "",
-                  "Left: the training loss per epoch. Right: validation R@1 per direction; the dashed line marks "
-                  "the best epoch, whose heads were kept.", ""]
     train = recipe.train if recipe is not None else None
-    if train is not None and train.method != "contrastive":
+    closed_form = train is not None and train.method != "contrastive"
+    if (record.folder / layout.TRAINING_CURVE).is_file():
+        caption = ("Validation R@1 per direction for each setting tried (the x axis counts the settings, in the "
+                   "order of `history.jsonl`; a closed-form fit has no training loss); the dashed line marks the "
+                   "setting kept." if closed_form else
+                   "Left: the training loss per epoch. Right: validation R@1 per direction; the dashed line marks "
+                   "the best epoch, whose heads were kept.")
+        lines += [f"![training curve]({layout.TRAINING_CURVE})", "", caption, ""]
+    if closed_form:
         rows = [["method", f"`{train.method}`, fitted in closed form (no epochs, loss or temperature)"],
                 ["settings tried", f"{_fmt(metrics.epochs_run)}, one per row of `{layout.HISTORY}` (the training "
                                    f"curve's x axis); kept: number {_fmt(metrics.best_epoch)} (by "

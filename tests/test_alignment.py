@@ -14,6 +14,7 @@ from coembed.alignment import Aligner, cca_maps, procrustes_map, ridge_maps
 from coembed.config import TrainConfig
 from coembed.errors import RecipeError
 from coembed.heads import AsifHead, IdentityHead, LinearHead
+from coembed.report import render_report
 from coembed.run import train_recipe
 from coembed.training import PairSet
 from _toy_adapter import register_toys, toy_recipe
@@ -130,6 +131,9 @@ def test_each_method_runs_through_the_pipeline_saves_and_reloads(tmp_path, monke
     assert "image->audio/R@1" in metrics["retrieval"] and metrics["temperature"] is None
     report = (result.run_dir / "report.md").read_text()
     assert f"train.method: {method}" in report and "image->audio" in report
+    (result.run_dir / "training-curve.png").write_bytes(b"")   # the caption names settings, not epochs
+    assert "for each setting tried" in render_report(result.run_dir)
+    assert "training loss per epoch" not in render_report(result.run_dir)
     model = CoEmbedder.from_pretrained(result.run_dir, device="cpu")
     assert model.metadata["method"] == method
     assert model.output_dim == {"cca": 2, "asif": 5}.get(method, 8)
