@@ -37,7 +37,7 @@ _CHUNK = 512
 
 
 class SymmetricInfoNCE(torch.autograd.Function):
-    """``0.5 * (CE(L, I) + CE(L.T, I))`` for ``L = scale * a @ b.T``, in one ``[batch, batch]`` buffer.
+    """``0.5 * (CE(L, I) + CE(L.T, I))`` for ``L = scale * a @ b.T``, in one buffer of logits.
 
     The same value and gradients as the two ``F.cross_entropy`` calls over the
     logits and their transpose, which autograd would keep as about eight
@@ -47,42 +47,58 @@ class SymmetricInfoNCE(torch.autograd.Function):
     them, block by block, into the gradient (the row softmax plus the column
     softmax, less 2 on the diagonal). The backward pass runs once
     (``retain_graph`` is not supported: it consumes the saved logits).
+
+    One function serves one process and a batch spread over several: the caller holds rows
+    ``offset .. offset + n`` of the global batch's ``a`` and the whole batch's ``b`` (``all_b``, ``N`` rows;
+    one process: ``all_b`` is ``b``, ``offset`` 0). Its block of the logits is ``[n, N]``, ``1 / world_size``
+    of the one-process buffer and as much of the work; the row log-sum-exps are the block's own, the column
+    ones are combined across processes by ``logsumexp_across`` (every process's ``[N]`` partial values in,
+    the global ones out; ``None`` with one process). The loss returned is the caller's share (its rows'
+    terms and its columns' terms, each divided by ``N``), so the shares add up to the one-process loss and
+    so do the gradients (``all_b``'s go back to the process owning the rows, see
+    :meth:`coembed.distributed.World.gather_rows`). ``workspace``: a float32 buffer of at least ``n * N``
+    values to hold the logits; ``excluded``: an ``[n, N]`` mask of pairs that are not negatives.
     """
 
     @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                workspace: torch.Tensor | None = None, excluded: torch.Tensor | None = None) -> torch.Tensor:
-        n = a.shape[0]
-        if workspace is not None and workspace.numel() >= n * n and workspace.dtype == a.dtype:
-            logits = torch.mm(a, b.T, out=workspace.view(-1)[:n * n].view(n, n)).mul_(scale)
+    def forward(ctx: Any, a: torch.Tensor, all_b: torch.Tensor, scale: torch.Tensor, offset: int,
+                logsumexp_across: Callable[[torch.Tensor], torch.Tensor] | None,
+                workspace: torch.Tensor | None, excluded: torch.Tensor | None) -> torch.Tensor:
+        n, total = a.shape[0], all_b.shape[0]
+        if workspace is not None and workspace.numel() >= n * total and workspace.dtype == a.dtype:
+            logits = torch.mm(a, all_b.T, out=workspace.view(-1)[:n * total].view(n, total)).mul_(scale)
         else:
-            logits = torch.mm(a, b.T).mul_(scale)
+            logits = torch.mm(a, all_b.T).mul_(scale)
         if excluded is not None:  # not negatives: out of both softmaxes, so their gradient is exp(-inf) = 0
             logits.masked_fill_(excluded, float("-inf"))
-        row = torch.cat([torch.logsumexp(logits[i:i + _CHUNK], dim=1) for i in range(0, n, _CHUNK)])
-        col = torch.cat([torch.logsumexp(logits[:, j:j + _CHUNK], dim=0) for j in range(0, n, _CHUNK)])
-        diag = logits.diagonal()
-        loss = 0.5 * ((row - diag).mean() + (col - diag).mean())
-        ctx.save_for_backward(a, b, scale, logits, row, col)
+        row = torch.cat([torch.logsumexp(logits[i:i + _CHUNK], dim=1) for i in range(0, n, _CHUNK)]) \
+            if n else logits.new_zeros(0)
+        col = torch.cat([torch.logsumexp(logits[:, j:j + _CHUNK], dim=0) for j in range(0, total, _CHUNK)])
+        if logsumexp_across is not None:
+            col = logsumexp_across(col)
+        diag = logits[:, offset:offset + n].diagonal()
+        loss = 0.5 * ((row - diag).sum() + (col[offset:offset + n] - diag).sum()) / total
+        ctx.offset = offset
+        ctx.save_for_backward(a, all_b, scale, logits, row, col)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        a, b, scale, logits, row, col = ctx.saved_tensors
-        n = logits.shape[0]
-        g = logits  # becomes d loss / d logits, in place
+        a, all_b, scale, logits, row, col = ctx.saved_tensors
+        n, total = logits.shape
+        g = logits  # becomes d loss / d logits of this block, in place
         for i in range(0, n, _CHUNK):
             block = g[i:i + _CHUNK]
             column_softmax = (block - col[None, :]).exp_()
             block.sub_(row[i:i + _CHUNK, None]).exp_().add_(column_softmax)
-        g.diagonal().sub_(2.0)
-        g.mul_(grad * (0.5 / n))
-        g_b = torch.mm(g, b)  # d loss / d (a @ b.T), times b
+        g[:, ctx.offset:ctx.offset + n].diagonal().sub_(2.0)
+        g.mul_(grad * (0.5 / total))
+        g_b = torch.mm(g, all_b)  # d loss / d (a @ all_b.T), times all_b
         grad_a = g_b * scale if ctx.needs_input_grad[0] else None
-        grad_b = torch.mm(g.T, a) * scale if ctx.needs_input_grad[1] else None
+        grad_all_b = torch.mm(g.T, a) * scale if ctx.needs_input_grad[1] else None
         grad_scale = (g_b * a).sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
-        return grad_a, grad_b, grad_scale, None, None
+        return grad_a, grad_all_b, grad_scale, None, None, None, None
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
@@ -104,7 +120,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
         excluded = None if excluded is None else excluded.T
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
-    return SymmetricInfoNCE.apply(a, b, logit_scale.float(), workspace, excluded)
+    return SymmetricInfoNCE.apply(a, b, logit_scale.float(), 0, None, workspace, excluded)
 
 
 def sigmoid_pairwise(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, bias: torch.Tensor,
@@ -158,60 +174,11 @@ def same_class(labels: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-class ShardedSymmetricInfoNCE(torch.autograd.Function):
-    """One process's block of rows of :class:`SymmetricInfoNCE` over a global batch spread across processes.
-
-    The process holds rows ``offset .. offset + n`` of the global batch's ``a`` and the whole batch's ``b``
-    gathered (``all_b``, ``N`` rows): its block of the logits is ``scale * a @ all_b.T`` (``[n, N]``, the one
-    large tensor: ``1 / world_size`` of the single-process buffer, and as much of the work). The row
-    log-sum-exps are the block's own; the column log-sum-exps are combined across processes
-    (``logsumexp_across``: every process's ``[N]`` partial values in, the global ones out). The loss returned is
-    the process's share (its rows' terms and its columns' terms, each divided by ``N``): the shares add up to
-    the single-process loss. The backward pass returns the gradient of that whole loss through this block, so
-    the gradients of all processes add up to the single-process ones too (``all_b``'s go back to the process
-    owning the rows, see :meth:`coembed.distributed.World.gather_rows`; the temperature's are summed with the
-    heads'). With one process (``all_b is b``, no combining) it is :class:`SymmetricInfoNCE`.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, all_b: torch.Tensor, scale: torch.Tensor, offset: int,
-                logsumexp_across: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        n, total = a.shape[0], all_b.shape[0]
-        logits = torch.mm(a, all_b.T).mul_(scale)
-        row = torch.cat([torch.logsumexp(logits[i:i + _CHUNK], dim=1) for i in range(0, n, _CHUNK)]) \
-            if n else logits.new_zeros(0)
-        col = logsumexp_across(torch.cat([torch.logsumexp(logits[:, j:j + _CHUNK], dim=0)
-                                          for j in range(0, total, _CHUNK)]))
-        diag = logits[:, offset:offset + n].diagonal()
-        loss = 0.5 * ((row - diag).sum() + (col[offset:offset + n] - diag).sum()) / total
-        ctx.offset = offset
-        ctx.save_for_backward(a, all_b, scale, logits, row, col)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        a, all_b, scale, logits, row, col = ctx.saved_tensors
-        n, total = logits.shape
-        g = logits  # becomes d loss / d logits of this block, in place
-        for i in range(0, n, _CHUNK):
-            block = g[i:i + _CHUNK]
-            column_softmax = (block - col[None, :]).exp_()
-            block.sub_(row[i:i + _CHUNK, None]).exp_().add_(column_softmax)
-        g[:, ctx.offset:ctx.offset + n].diagonal().sub_(2.0)
-        g.mul_(grad * (0.5 / total))
-        g_b = torch.mm(g, all_b)
-        grad_a = g_b * scale if ctx.needs_input_grad[0] else None
-        grad_all_b = torch.mm(g.T, a) * scale if ctx.needs_input_grad[1] else None
-        grad_scale = (g_b * a).sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
-        return grad_a, grad_all_b, grad_scale, None, None
-
-
 def info_nce_gathered(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
                       gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
                       logsumexp_across: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """This process's share of the symmetric InfoNCE of a batch spread over processes
-    (:class:`ShardedSymmetricInfoNCE`; :func:`info_nce` of the whole batch is the sum of the shares).
+    (:class:`SymmetricInfoNCE` over its block of rows; :func:`info_nce` of the whole batch is the sum of the shares).
 
     ``a`` and ``b`` are this process's rows; ``gather(x)`` returns every process's rows of ``x`` in one order,
     the same on each, with gradients, and where this process's rows start in it
@@ -221,4 +188,4 @@ def info_nce_gathered(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tenso
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
     all_b, offset = gather(b)
-    return ShardedSymmetricInfoNCE.apply(a, all_b, logit_scale.float(), offset, logsumexp_across)
+    return SymmetricInfoNCE.apply(a, all_b, logit_scale.float(), offset, logsumexp_across, None, None)
