@@ -130,9 +130,8 @@ def embed(recipe: Path, engine: str | None, address: str | None, overrides: tupl
         result = embed_recipe(parsed, run_dir=run_dir, progress=not no_progress)
     except (RecipeError, AdapterError, TooManyBadItems) as exc:
         _fail(str(exc))
-    for m, stats in result.summary["extraction"].items():
-        click.echo(f"{m}: {stats['items']} items, {stats['cached']} from the store, {stats['encoded']} encoded, "
-                   f"{stats['bad']} bad")
+    click.echo("stored: " + ", ".join(f"{m} {stats['items'] - stats['bad']} of {stats['items']}"
+                                      for m, stats in result.summary["extraction"].items()))
     click.echo(f"embed folder: {result.run_dir}")
 
 
