@@ -290,11 +290,8 @@ def find_duplicates(keys_a: torch.Tensor | Sequence[Hashable],
 
 def distinct_rows(item_ids: torch.Tensor) -> torch.Tensor:
     """The position of the first row of every distinct id, in row order."""
-    ids = item_ids.cpu()
-    _, inverse = torch.unique(ids, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1 if ids.numel() else 0,), ids.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(ids.numel()), reduce="amin")
-    return first.sort().values
+    _, first = np.unique(item_ids.cpu().numpy(), return_index=True)
+    return torch.from_numpy(np.sort(first)).long()
 
 
 # ---------------------------------------------------------------------------------------
