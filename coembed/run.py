@@ -286,9 +286,9 @@ def _train(recipe: Recipe, run_dir: Path | None, progress: bool, world: World) -
 
     # 4. training
     pairs = build_pair_sets(recipe, dataset, embedded, world=world)
+    lost_records = sum(b.modality is None for b in dataset.bad)  # inputs that became no record: lost to every pair
     for p in pairs:
         candidates = sum(p.a in r.items and p.b in r.items for r in dataset.records)
-        lost_records = sum(b.modality is None for b in dataset.bad)
         check_pair_fraction(bad_rows, (p.a, p.b), candidates + lost_records, p.n_train_total + p.n_val,
                             recipe.data.max_bad_fraction)
     pair_counts = {p.name: {"train": p.n_train_total, "validation": p.n_val} for p in pairs}

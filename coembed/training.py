@@ -305,6 +305,12 @@ def evaluate_pairs(heads: nn.ModuleDict, pairs: Sequence[PairSet], chunk_size: i
     return evaluate(heads, [p.validation() for p in pairs], chunk_size, class_level)
 
 
+def selection_is_full(sizes: dict[str, dict[str, int]]) -> bool:
+    """Whether model selection ranked every validation pair (``sizes``: ``{"selection": n, "full": n}`` by pair
+    type: each validation set was no larger than the sample)."""
+    return all(s["selection"] == s["full"] for s in sizes.values())
+
+
 def final_retrieval(heads: nn.ModuleDict, pairs: Sequence[PairSet], sizes: dict[str, dict[str, int]],
                     best_metrics: dict[str, float], chunk_size: int = 1024) -> dict[str, float]:
     """Retrieval of ``heads`` on every validation pair, instance and class level, computed once.
@@ -314,7 +320,7 @@ def final_retrieval(heads: nn.ModuleDict, pairs: Sequence[PairSet], sizes: dict[
     the class level is computed here.
     """
     full = [p.validation() for p in pairs]
-    if best_metrics and all(s["selection"] == s["full"] for s in sizes.values()):
+    if best_metrics and selection_is_full(sizes):
         return {**best_metrics, **evaluate(heads, full, chunk_size, class_level=True, instance_level=False)}
     return evaluate(heads, full, chunk_size, class_level=True)
 
@@ -443,7 +449,7 @@ class Trainer:
     @property
     def selection_is_full(self) -> bool:
         """Whether model selection ranked every validation pair (the set was no larger than the sample)."""
-        return all(s["selection"] == s["full"] for s in self._sizes.values())
+        return selection_is_full(self._sizes)
 
     def _batch(self, p: PairSet, idx: torch.Tensor, lam: float | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -593,7 +599,8 @@ def build_pair_sets(recipe: Recipe, dataset: Dataset, embedded: dict[str, Modali
         val = align_pairs(dataset.validation, ea.ok_row, eb.ok_row)
         held = world.shard(len(train))
         rows_a, rows_b = np.asarray(train.rows_a, dtype=np.int64)[held], np.asarray(train.rows_b, dtype=np.int64)[held]
-        train_labels = [train.records[i].label for i in held.tolist()]
+        # the classes of the training pairs matter only to label-aware positives
+        train_labels = [train.records[i].label for i in held.tolist()] if recipe.train.label_positives else []
         pair = PairSet(a, b, vectors_on(ea.lookup, rows_a, device), vectors_on(eb.lookup, rows_b, device),
                        # interned labels and a numpy array of groups: nothing keeps the records' own strings alive
                        val_labels=[None if r.label is None else sys.intern(r.label) for r in val.records],

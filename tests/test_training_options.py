@@ -15,7 +15,11 @@ import coembed.training
 from coembed.config import HeadConfig, TrainConfig
 from coembed.heads import IdentityHead, LinearHead, MLPHead, ResidualBlock, build_head
 from coembed.losses import PairLoss, info_nce, same_class, sigmoid_pairwise
-from coembed.training import PairSet, Trainer, excluded_negatives, lr_factor, mix_halves
+from coembed.dataset import load_dataset
+from coembed.extraction import extract_dataset
+from coembed.run import build_adapters
+from coembed.training import PairSet, Trainer, build_pair_sets, excluded_negatives, lr_factor, mix_halves
+from _toy_adapter import register_toys, toy_recipe
 
 
 def _pairs(n=240, d_in=10, d_out=6, seed=0, labels=None) -> PairSet:
@@ -189,3 +193,24 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement():
     assert len(result.history) == 4 and result.best_epoch == 1
     result = Trainer(_heads(), [_pairs()], TrainConfig(epochs=6, batch_size=60, lr=1e-12, device="cpu")).fit(progress=False)
     assert len(result.history) == 6  # no patience: every epoch runs
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_pair_sets_carry_the_training_classes_for_label_aware_positives(tmp_path, monkeypatch, asked):
+    register_toys(tmp_path, monkeypatch)
+    data = {"source": "generated", "path": str(tmp_path / "media"), "classes": 2, "items_per_class": 6,
+            "image_size": 16, "audio_seconds": 1.0}
+    recipe = toy_recipe(tmp_path, data, train={"label_positives": asked, "device": "cpu"})
+    adapters = build_adapters(recipe)
+    dataset = load_dataset(recipe, progress=False)
+    (pair,) = build_pair_sets(recipe, dataset, extract_dataset(recipe, adapters, dataset, progress=False))
+    if not asked:
+        assert pair.train_labels is None
+        return
+    records = dataset.train
+    assert pair.train_labels.shape == (pair.n_train,) and len(records) == pair.n_train
+    # one integer per class, equal for equal labels, in the order of the training pairs
+    for i in range(pair.n_train):
+        for j in range(pair.n_train):
+            same = records[i].label == records[j].label
+            assert bool(pair.train_labels[i] == pair.train_labels[j]) == same
