@@ -13,8 +13,9 @@ The entry-point name is ``"<modality>/<name>"`` and must match the class's
 ``modality`` and ``name`` attributes.
 
 A plugin needs only this module: :class:`Adapter`, :class:`AdapterOptions`
-(:class:`AudioOptions` for audio, with ``short_audio``), and the exceptions it raises, :class:`BadItem` and :class:`WeightsUnavailable`
-(defined in :mod:`coembed.errors`, importable from here).
+(:class:`AudioOptions` for audio, with ``short_audio``), and the exceptions it
+raises, :class:`BadItem` and :class:`WeightsUnavailable` (defined in
+:mod:`coembed.errors`, importable from here).
 """
 
 from __future__ import annotations

@@ -169,8 +169,6 @@ def audio_level_db(samples: np.ndarray) -> float:
     return max(SILENCE_FLOOR_DB, 20.0 * math.log10(rms)) if rms > 0.0 else SILENCE_FLOOR_DB
 
 
-
-
 def fit_audio(wave: Waveform, window_samples: int, short_audio: ShortAudio, encoder: str) -> Waveform:
     """``wave`` unchanged when it holds at least ``window_samples``; a shorter clip padded with silence
     at its end (``"pad"``), repeated to fill the window (``"repeat"``), or refused (``"refuse"``).
