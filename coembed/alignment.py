@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from coembed.config import HeadConfig, TrainConfig
 from coembed.heads import AsifHead, IdentityHead, LinearHead
-from coembed.metrics import selectable_metrics
-from coembed.training import PairSet, TrainResult, better, evaluate, final_retrieval
+from coembed.training import (PairSet, TrainResult, better, check_select_metric, evaluate, final_retrieval,
+                              selection_sizes)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Aligner:
         self.anchor = anchor
         self.seed = seed
         self.selection = [p.validation_sample(config.validation_sample, seed) for p in self.pairs]
-        self._sizes = {p.name: {"selection": len(s), "full": p.n_val} for p, s in zip(self.pairs, self.selection)}
+        self._sizes = selection_sizes(self.pairs, self.selection)
         anchor_dim = next(p.train_a if p.a == anchor else p.train_b for p in self.pairs).shape[1]
         self.output_dim = anchor_dim
         self.head_configs: dict[str, HeadConfig] = {}
@@ -219,9 +219,7 @@ class Aligner:
     def fit(self, on_epoch: Callable[[dict[str, float]], None] | None = None, progress: bool = True) -> TrainResult:
         """Fit every candidate, rank the validation sample with each, keep the best; one history row each."""
         metric = self.config.select_metric
-        known = selectable_metrics((p.a, p.b) for p in self.pairs)
-        if metric not in known:
-            raise KeyError(f"train.select_metric {metric!r} is not a validation metric; known: {', '.join(known)}")
+        check_select_metric(metric, self.pairs)
         start = time.perf_counter()
         candidates = self._candidates()
         history: list[dict[str, float]] = []

@@ -87,7 +87,8 @@ class World:
         """Sum the gradients of ``parameters`` over the processes, in one flat all-reduce.
 
         Each process's gradient is the global loss's through its own block of the batch
-        (:class:`coembed.losses.SymmetricInfoNCE`), so the sum is the gradient of the global loss; every process then holds it and takes the same optimizer step.
+        (:class:`coembed.losses.SymmetricInfoNCE`), so the sum is the gradient of the global loss; every process
+        then holds it and takes the same optimizer step.
         """
         if not self.distributed:
             return

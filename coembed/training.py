@@ -305,6 +305,18 @@ def evaluate_pairs(heads: nn.ModuleDict, pairs: Sequence[PairSet], chunk_size: i
     return evaluate(heads, [p.validation() for p in pairs], chunk_size, class_level)
 
 
+def check_select_metric(metric: str, pairs: Sequence[PairSet]) -> None:
+    """:class:`KeyError` when ``train.select_metric`` is no value of these pair types' validation rows."""
+    known = selectable_metrics((p.a, p.b) for p in pairs)
+    if metric not in known:
+        raise KeyError(f"train.select_metric {metric!r} is not a validation metric; known: {', '.join(known)}")
+
+
+def selection_sizes(pairs: Sequence[PairSet], selection: Sequence[ValidationSet]) -> dict[str, dict[str, int]]:
+    """Per pair type, the validation pairs model selection ranks and all of them: ``{"selection": n, "full": n}``."""
+    return {p.name: {"selection": len(s), "full": p.n_val} for p, s in zip(pairs, selection)}
+
+
 def selection_is_full(sizes: dict[str, dict[str, int]]) -> bool:
     """Whether model selection ranked every validation pair (``sizes``: ``{"selection": n, "full": n}`` by pair
     type: each validation set was no larger than the sample)."""
@@ -442,8 +454,7 @@ class Trainer:
         self._mixup = torch.distributions.Beta(config.mixup, config.mixup) if config.mixup > 0 else None
         #: what each validation ranks: a fixed sample of every pair type's validation pairs (process 0 only)
         self.selection = [p.validation_sample(config.validation_sample, seed) for p in self.pairs] if world.is_main else []
-        self._sizes = world.broadcast_object(
-            {p.name: {"selection": len(s), "full": p.n_val} for p, s in zip(self.pairs, self.selection)})
+        self._sizes = world.broadcast_object(selection_sizes(self.pairs, self.selection))
         self._workspaces: list[torch.Tensor] = []
 
     @property
@@ -510,9 +521,7 @@ class Trainer:
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         metric = self.config.select_metric
-        known = selectable_metrics((p.a, p.b) for p in self.pairs)
-        if metric not in known:
-            raise KeyError(f"train.select_metric {metric!r} is not a validation metric; known: {', '.join(known)}")
+        check_select_metric(metric, self.pairs)
         history: list[dict[str, float]] = []
         best_value: float | None = None
         best_epoch, best_metrics, best_state = 0, {}, self._state()
