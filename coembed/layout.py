@@ -84,12 +84,17 @@ ZERO_SHOT_GLOB = zero_shot_file("*")
 RETRIEVAL_GLOB = retrieval_file("*")
 
 
+def is_uri(location: str) -> bool:
+    """Whether a store root is a URI (``file://...``, ``s3://...``) rather than a local folder."""
+    return "://" in location
+
+
 def store_root(cache_dir: str | None, base_dir: str | Path = ".") -> Path | str:
     """The embedding store root: ``cache_dir`` (a folder relative to ``base_dir``, or a URI such as
     ``file:///data/store`` or ``s3://bucket/store``, kept as it is), or :data:`DEFAULT_CACHE_DIR`."""
     if not cache_dir:
         return DEFAULT_CACHE_DIR
-    if "://" in cache_dir:
+    if is_uri(cache_dir):
         return cache_dir
     path = Path(cache_dir).expanduser()
     return path if path.is_absolute() else Path(base_dir) / path

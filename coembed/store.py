@@ -52,6 +52,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from coembed.bad_items import BadItemRow, rows_of
+from coembed.layout import is_uri
 from coembed.media import AudioSegment, MediaRef, VideoFrame, safe_text
 from coembed.record import dumps
 
@@ -122,7 +123,7 @@ def item_key(record_id: str, item: Any) -> str:
 def open_root(root: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     """The filesystem and path of a store root: a local folder, or a URI that :mod:`pyarrow.fs` opens."""
     text = os.fspath(root)
-    if "://" in text:
+    if is_uri(text):
         fs, path = pafs.FileSystem.from_uri(text)
         return fs, path.rstrip("/")
     return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
